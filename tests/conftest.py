@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random ViTs and the optional ../shared folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+SHARED = Path(os.environ.get("TOCOM_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+
+
+def tiny_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
+    """A small random-weight timm ViT: 32 px images, 8 px patches (16 patches), 4 blocks."""
+    torch.manual_seed(0)
+    args = dict(pretrained=False, img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=4,
+                num_classes=5)
+    args.update(kwargs)
+    return timm.create_model(name, **args).eval()
+
+
+@pytest.fixture
+def shared() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real weights and data live in {SHARED}, which is absent (set TOCOM_SHARED)")
+    return SHARED

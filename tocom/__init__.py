@@ -1,0 +1,11 @@
+"""tocom: elastic Vision Transformers.
+
+Token compression (ToMe merging, EViT pruning) for any timm ViT, Token Compensator plugins that
+let a model fine-tuned at one compression degree run at another, and PYRA token modulation.
+"""
+
+from tocom.compress import resolve_schedule, schedule_from_flops, unmerge
+from tocom.models import dims_of, patch, unpatch
+
+__version__ = "0.1.0"
+__all__ = ["dims_of", "patch", "resolve_schedule", "schedule_from_flops", "unmerge", "unpatch"]

@@ -1,0 +1,3 @@
+from tocom.cli import main
+
+main()

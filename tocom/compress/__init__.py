@@ -1,0 +1,32 @@
+"""Layer 1: token reduction as pure tensor functions (no modules, no global state)."""
+
+from tocom.compress.evit import PrunePlan, prune, prune_plan, prune_source
+from tocom.compress.flops import ViTDims, gflops, model_flops, schedule_from_flops
+from tocom.compress.parse import parse_schedule
+from tocom.compress.schedule import (
+    Schedule,
+    clamp_schedule,
+    ratio_schedule,
+    resolve_schedule,
+    tokens_per_layer,
+)
+from tocom.compress.tome import (
+    MergePlan,
+    Modulator,
+    bipartite_matching,
+    merge,
+    merge_source,
+    merge_wavg,
+    modulate_sources,
+    random_matching,
+)
+from tocom.compress.unmerge import initial_source, token_assignment, unmerge
+
+__all__ = [
+    "MergePlan", "Modulator", "PrunePlan", "Schedule", "ViTDims", "bipartite_matching",
+    "clamp_schedule", "gflops", "initial_source", "merge", "merge_source", "merge_wavg",
+    "model_flops", "modulate_sources", "parse_schedule", "prune", "prune_plan", "prune_source",
+    "random_matching",
+    "ratio_schedule", "resolve_schedule", "schedule_from_flops", "token_assignment",
+    "tokens_per_layer", "unmerge",
+]

@@ -1,0 +1,166 @@
+"""ToMe: bipartite soft matching as pure tensor functions.
+
+The sequence is split by parity: even positions form set A, odd positions set B. Every A token
+finds its most similar B token (cosine similarity of the metric); the ``r`` A tokens with the
+best matches are merged into their partners. Prefix tokens (class, distillation, registers)
+occupy the first positions: they are never merged away and nothing merges into them.
+
+Output order: prefix tokens in their original order, then the unmerged A tokens in their
+original order, then the B tokens. For one class token (and optionally a distillation token)
+this is exactly the order of the original ToMe algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# A PYRA-style hook: (sources (B, r, C), their destinations (B, r, C)) -> new sources (B, r, C).
+Modulator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Which A tokens merge into which B tokens.
+
+    Attributes:
+        unm_idx: (B, Na - r, 1) indices into set A of the tokens kept, ascending.
+        src_idx: (B, r, 1) indices into set A of the tokens merged away.
+        dst_idx: (B, r, 1) indices into set B of their destinations.
+        num_prefix: number of protected leading tokens.
+    """
+
+    unm_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    num_prefix: int
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1]
+
+
+def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -> MergePlan:
+    """Plan the merge of ``r`` tokens.
+
+    Args:
+        metric: (B, N, C) per-token features to compare (ToMe: keys averaged over heads).
+        r: tokens to remove; must already respect ``r <= (N - num_prefix) // 2``.
+        num_prefix: leading tokens that are protected.
+
+    Returns:
+        a :class:`MergePlan`.
+    """
+    n = metric.shape[1]
+    if r < 0 or r > (n - num_prefix) // 2:
+        raise ValueError(f"cannot merge r={r} of {n} tokens with {num_prefix} protected")
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        # Prefix token i sits in A (even i) at row i // 2, or in B (odd i) at column i // 2.
+        scores[..., : (num_prefix + 1) // 2, :] = -math.inf
+        scores[..., :, : num_prefix // 2] = -math.inf
+
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[..., r:, :].sort(dim=1)[0]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    return MergePlan(unm_idx, src_idx, dst_idx, num_prefix)
+
+
+def random_matching(num_tokens: int, batch: int, r: int, num_prefix: int = 1,
+                    generator: torch.Generator | None = None, device: torch.device | None = None
+                    ) -> MergePlan:
+    """Random bipartite pairing (an ablation baseline): r random A tokens merge into random B tokens.
+
+    Returns a :class:`MergePlan` over a sequence of ``num_tokens`` with the same prefix rules.
+    """
+    na, nb = (num_tokens + 1) // 2, num_tokens // 2
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    if r < 0 or r > (num_tokens - num_prefix) // 2:
+        raise ValueError(f"cannot merge r={r} of {num_tokens} tokens with {num_prefix} protected")
+    order = torch.rand(batch, na - pa, generator=generator).argsort(dim=-1) + pa
+    src_idx = order[:, :r, None]
+    unm_idx = torch.cat([torch.arange(pa).expand(batch, pa), order[:, r:]], 1).sort(dim=1)[0][..., None]
+    dst_idx = torch.randint(pb, nb, (batch, r, 1), generator=generator)
+    return MergePlan(*(t.to(device) for t in (unm_idx, src_idx, dst_idx)), num_prefix)
+
+
+def _order(unm: torch.Tensor, dst: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Concatenate kept A and B tokens with the prefix tokens first in their original order."""
+    if num_prefix <= 1:
+        return torch.cat([unm, dst], dim=1)
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    prefix = torch.stack([unm[:, :pb], dst[:, :pb]], dim=2).flatten(1, 2)
+    if pa > pb:
+        prefix = torch.cat([prefix, unm[:, pb:pa]], dim=1)
+    return torch.cat([prefix, unm[:, pa:], dst[:, pb:]], dim=1)
+
+
+def merge(plan: MergePlan, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    """Apply a plan to any per-token tensor.
+
+    Args:
+        plan: from :func:`bipartite_matching`.
+        x: (B, N, C) tokens.
+        mode: how sources combine with their destination: ``"sum"``, ``"mean"`` or ``"amax"``.
+
+    Returns:
+        (B, N - r, C).
+    """
+    src, dst = x[..., ::2, :], x[..., 1::2, :]
+    batch, na, c = src.shape
+    r = plan.r
+    unm = src.gather(dim=-2, index=plan.unm_idx.expand(batch, na - r, c))
+    src = src.gather(dim=-2, index=plan.src_idx.expand(batch, r, c))
+    dst = dst.scatter_reduce(-2, plan.dst_idx.expand(batch, r, c), src, reduce=mode)
+    return _order(unm, dst, plan.num_prefix)
+
+
+def modulate_sources(plan: MergePlan, x: torch.Tensor, modulator: Modulator) -> torch.Tensor:
+    """Replace the A tokens about to be merged by ``modulator(sources, destinations)``.
+
+    Args:
+        x: (B, N, C) tokens.
+
+    Returns:
+        (B, N, C) with only the r source tokens changed.
+    """
+    batch, _, c = x.shape
+    r = plan.r
+    a, b = x[..., ::2, :], x[..., 1::2, :]
+    src = a.gather(dim=-2, index=plan.src_idx.expand(batch, r, c))
+    dst = b.gather(dim=-2, index=plan.dst_idx.expand(batch, r, c))
+    a = a.scatter(-2, plan.src_idx.expand(batch, r, c), modulator(src, dst))
+    out = torch.empty_like(x)
+    out[..., ::2, :] = a
+    out[..., 1::2, :] = b
+    return out
+
+
+def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge as a size-weighted average and track sizes.
+
+    Args:
+        x: (B, N, C) tokens.
+        size: (B, N, 1) patches per token, or None for all ones.
+
+    Returns:
+        merged tokens (B, N - r, C) and their sizes (B, N - r, 1).
+    """
+    if size is None:
+        size = torch.ones_like(x[..., 0, None])
+    x = merge(plan, x * size, mode="sum")
+    size = merge(plan, size, mode="sum")
+    return x / size, size
+
+
+def merge_source(plan: MergePlan, source: torch.Tensor) -> torch.Tensor:
+    """Update the (B, N, N0) token-to-patch membership map after a merge."""
+    return merge(plan, source, mode="amax")

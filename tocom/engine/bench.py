@@ -1,0 +1,108 @@
+"""Throughput measured honestly: every configuration interleaved with the stock model in one run.
+
+Timings on shared machines drift, so each round times every configuration once, back to back,
+and we report medians over rounds; speed-ups are ratios within the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tocom.compress import gflops, resolve_schedule, tokens_per_layer
+from tocom.models import dims_of, patch
+
+
+@dataclass
+class BenchRow:
+    """One line of a benchmark table."""
+
+    r: str
+    method: str
+    throughput: float  # images per second, median over rounds
+    speedup: float  # vs the unpatched model in the same run
+    gflops: float  # analytic, per image
+    tokens: int  # tokens after the last block
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(runners: dict[str, Callable[[], object]], device: torch.device, rounds: int = 5,
+                     warmup: int = 1, progress: bool = True) -> dict[str, float]:
+    """Median seconds per call of each runner, calling them round-robin ``rounds`` times."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in tqdm(range(rounds), desc="bench rounds", disable=not progress, leave=False):
+        for name, fn in runners.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench(model: nn.Module, schedules: Sequence, method: str = "tome", batch_size: int = 32,
+          device: str | torch.device = "cpu", rounds: int = 5, img_size: int | None = None,
+          extra: dict[str, tuple[Callable[[torch.Tensor], object], str]] | None = None,
+          progress: bool = True) -> list[BenchRow]:
+    """Images/s of ``model`` patched at each schedule, against its unpatched copy.
+
+    Args:
+        model: a timm ViT (not modified; a patched copy is timed).
+        schedules: the r values to time (any schedule form).
+        extra: more runners to time in the same rounds, ``name -> (fn(images), r label)``.
+
+    Returns:
+        one :class:`BenchRow` per schedule (plus the stock model and extras).
+    """
+    device = torch.device(device)
+    stock = copy.deepcopy(model).to(device).eval()
+    patched = patch(copy.deepcopy(model), method).to(device).eval()
+    dims = dims_of(stock)
+    size = img_size or stock.patch_embed.img_size[0]
+    x = torch.randn(batch_size, 3, size, size, device=device)
+
+    def run_at(r):
+        def fn():
+            patched.r = r
+            with torch.inference_mode():
+                return patched(x)
+        return fn
+
+    def run_stock():
+        with torch.inference_mode():
+            return stock(x)
+
+    runners: dict[str, Callable[[], object]] = {"stock": run_stock}
+    labels = {"stock": ("-", "none", [0] * dims.depth)}
+    for r in schedules:
+        name = f"{method} r={r}"
+        runners[name] = run_at(r)
+        labels[name] = (str(r), method, resolve_schedule(r, dims.depth))
+    for name, (fn, r_label) in (extra or {}).items():
+        runners[name] = (lambda f=fn: f(x))
+        labels[name] = (r_label, name, resolve_schedule(int(r_label), dims.depth))
+    seconds = time_interleaved(runners, device, rounds=rounds, progress=progress)
+    base = batch_size / seconds["stock"]
+    rows = []
+    for name, (r_label, meth, schedule) in labels.items():
+        ips = batch_size / seconds[name]
+        tokens = tokens_per_layer(schedule, dims.num_tokens, dims.num_prefix)[-1]
+        rows.append(BenchRow(r_label, meth, ips, ips / base, gflops(dims, schedule), tokens))
+    return rows

@@ -1,0 +1,128 @@
+"""Block and attention forwards that reduce tokens between attention and MLP.
+
+These mirror timm's ``Block.forward`` and ``Attention.forward`` (layer scale, q/k norm, scale
+norm, gating and drop-path included) and call the module slots (``attn.qkv``, ``norm2``,
+``mlp``, ...) as modules, so adapters that replace those slots keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tocom.compress import (
+    bipartite_matching,
+    merge_source,
+    merge_wavg,
+    modulate_sources,
+    prune,
+    prune_plan,
+    prune_source,
+)
+
+METHODS = ("tome", "evit")
+
+
+@dataclass
+class TokenState:
+    """Per-forward token bookkeeping, created inside each forward and passed along explicitly.
+
+    Attributes:
+        size: (B, N, 1) patches per token, None while nothing has been reduced.
+        source: (B, N, N0) token-to-original-position map when tracing, else None.
+        num_prefix: protected leading tokens.
+        schedule: effective per-block r of this forward.
+        tokens: sequence length after each block.
+    """
+
+    size: torch.Tensor | None
+    source: torch.Tensor | None
+    num_prefix: int
+    schedule: list[int]
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How a patched model reduces tokens."""
+
+    method: str = "tome"
+    prop_attn: bool = True
+    trace_source: bool = False
+    fuse: bool = False  # EViT: fuse pruned tokens into one
+
+
+def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need: str | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """timm ``Attention`` with proportional attention and a reduction metric.
+
+    Args:
+        attn: a timm ``Attention`` module.
+        x: (B, N, C) normalised tokens.
+        size: (B, N, 1) token sizes; adds ``log(size)`` of each key to the logits when given.
+        need: ``"keys"`` (ToMe metric: keys averaged over heads, (B, N, head_dim)),
+            ``"cls_attn"`` (EViT metric: class-token attention averaged over heads, (B, N)) or None.
+
+    Returns:
+        attention output (B, N, C) and the metric (or None).
+    """
+    batch, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )
+    metric = None
+    if need == "keys":
+        metric = k.mean(1)
+    elif need == "cls_attn":
+        # Only the class token's row: (B, H, 1, N), never the full N x N matrix.
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        metric = logits.softmax(dim=-1).mean(1)[:, 0]
+    out = out.transpose(1, 2).reshape(batch, n, -1)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), metric
+
+
+def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | None,
+                  source: torch.Tensor | None, num_prefix: int, config: CompressionConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One timm ``Block`` that removes ``r`` tokens after attention.
+
+    Args:
+        x: (B, N, C) tokens; size: (B, N, 1) or None; source: (B, N, N0) or None.
+        r: tokens to remove here (already clamped).
+
+    Returns:
+        tokens (B, N - r, C), sizes (B, N - r, 1) or None, source (B, N - r, N0) or None.
+    """
+    need = None if r == 0 else ("keys" if config.method == "tome" else "cls_attn")
+    attn_size = size if config.prop_attn else None
+    out, metric = attention(blk.attn, blk.norm1(x), attn_size, need)
+    x = x + blk.drop_path1(blk.ls1(out))
+    if r > 0:
+        if config.method == "tome":
+            plan = bipartite_matching(metric, r, num_prefix)
+            modulator = getattr(blk, "merge_modulator", None)
+            if modulator is not None:
+                x = modulate_sources(plan, x, modulator)
+            if source is not None:
+                source = merge_source(plan, source)
+            x, size = merge_wavg(plan, x, size)
+        else:
+            plan = prune_plan(metric, r, num_prefix, fuse=config.fuse)
+            if source is not None:
+                source = prune_source(plan, source)
+            x, size = prune(plan, x, size)
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, size, source

@@ -1,0 +1,90 @@
+"""Building timm models from local checkpoints (safetensors, or .pth with weights_only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a checkpoint, never unpickling arbitrary objects.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)`` (a ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper is
+    unwrapped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path} could not be loaded with torch.load(weights_only=True) ({err}); "
+            "convert it to safetensors or a plain state dict"
+        ) from err
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return obj, {}
+
+
+def checkpoint_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Classes of the classification head stored in a checkpoint (None when headless)."""
+    head = state.get("head.weight")
+    return None if head is None else int(head.shape[0])
+
+
+def create_model(name: str, checkpoint: str | Path | None = None, *, pretrained: bool = False,
+                 num_classes: int | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` plus strict loading of a local checkpoint.
+
+    Args:
+        name: a timm model name (e.g. ``deit_tiny_patch16_224``).
+        checkpoint: local weights; the head size is taken from it unless ``num_classes`` is given.
+            Metadata written by ``tocom finetune`` (``model_kwargs``) is honoured.
+        pretrained: timm's hub download (needs internet).
+
+    Raises:
+        ValueError: when the checkpoint does not fit the architecture (names the keys).
+    """
+    if checkpoint is None:
+        kw = dict(kwargs)
+        if num_classes is not None:
+            kw["num_classes"] = num_classes
+        return timm.create_model(name, pretrained=pretrained, **kw)
+    state, meta = read_state_dict(checkpoint)
+    kw = json.loads(meta.get("model_kwargs", "{}"))
+    kw.update(kwargs)
+    classes = checkpoint_num_classes(state) if num_classes is None else num_classes
+    if classes is not None:
+        kw["num_classes"] = classes
+    elif "head.weight" not in state:
+        kw.setdefault("num_classes", 0)
+    model = timm.create_model(name, pretrained=False, **kw)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        expected, got = set(model.state_dict()), set(state)
+        missing, unexpected = sorted(expected - got)[:5], sorted(got - expected)[:5]
+        shapes = [k for k in expected & got if model.state_dict()[k].shape != state[k].shape][:5]
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit {name}: missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {shapes}; pass the model name it was trained with"
+        ) from err
+    return model
