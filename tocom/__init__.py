@@ -4,8 +4,12 @@ Token compression (ToMe merging, EViT pruning) for any timm ViT, Token Compensat
 let a model fine-tuned at one compression degree run at another, and PYRA token modulation.
 """
 
+from tocom.compensator import Compensator, attach, detach, set_degree
 from tocom.compress import resolve_schedule, schedule_from_flops, unmerge
 from tocom.models import dims_of, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["dims_of", "patch", "resolve_schedule", "schedule_from_flops", "unmerge", "unpatch"]
+__all__ = [
+    "Compensator", "attach", "detach", "dims_of", "patch", "resolve_schedule", "schedule_from_flops",
+    "set_degree", "unmerge", "unpatch",
+]

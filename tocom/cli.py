@@ -41,6 +41,56 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     print(f"wrote {visualize(model, args.image, args.out)}")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from tocom.engine.distill import run_distill
+
+    _, summary = run_distill(
+        args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
+        max_r=args.max_r, groups=args.groups, rank=args.rank, scale=args.scale, variant=args.variant,
+        loss=args.loss, preset=args.preset, epochs=args.epochs, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, out=args.out, run_dir=args.run_dir, resume=args.resume,
+        num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed)
+    from tocom.engine import distributed
+
+    if distributed.rank() == 0:
+        print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tocom.compensator import Compensator
+    from tocom.data import eval_transform, load_dataset
+    from tocom.engine.evaluate import make_loader, select_scales, sweep
+    from tocom.engine.report import format_table, json_lines
+
+    model = patch(_load(args), args.method)
+    plugin = Compensator.load(args.plugin) if args.plugin else None
+    for degree in [args.source, *args.target] if plugin is not None else []:
+        plugin.check_degree(degree)  # fail before any image is decoded
+    tf = eval_transform(model)
+    head = getattr(model, "num_classes", 0)
+
+    def rows_for(split, scales, targets):
+        data = load_dataset(args.data, split, tf)
+        if data.num_classes > head:
+            raise ValueError(f"the checkpoint's head has {head} classes but {args.data} has "
+                             f"{data.num_classes}; pass the checkpoint fine-tuned on this data")
+        return sweep(model, make_loader(data, args.batch_size, args.workers), targets, args.source,
+                     plugin, scales, device=args.device, split=split, progress=not args.json)
+
+    if args.select_scale_on:
+        if plugin is None:
+            raise ValueError("--select-scale-on needs --plugin")
+        val = rows_for(args.select_scale_on, args.scale, args.target)
+        chosen = select_scales(val)
+        rows = []
+        for target in args.target:
+            rows += [r for r in rows_for(args.split, [chosen[target]], [target])]
+    else:
+        rows = rows_for(args.split, args.scale, args.target)
+    dicts = [r.as_dict() for r in rows]
+    print(json_lines(dicts) if args.json else format_table(dicts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tocom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (medians are reported)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("distill", help="train a Token Compensator plugin by self-distillation")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="any folder of images (searched recursively)")
+    p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--max-r", type=int, default=16, help="largest degree the plugin serves")
+    p.add_argument("--groups", type=int, help="low-rank groups (default: --max-r)")
+    p.add_argument("--rank", type=int, default=2)
+    p.add_argument("--scale", type=float, default=0.1)
+    p.add_argument("--variant", choices=["standard", "shared", "no_inversion"], default="standard")
+    p.add_argument("--loss", choices=["kd", "ce"], default="kd", help="ce needs DIR/labels.txt")
+    p.add_argument("--preset", choices=["small", "paper"], default="small")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="absolute lr (default from the preset)")
+    p.add_argument("--out", default="compensator.tocom.safetensors")
+    p.add_argument("--run-dir", help="checkpoints and metrics (default: OUT.run)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="top-1 at target degrees, with and without a plugin")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="VTAB-1k task folder or ImageFolder splits")
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])
+    p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--source", type=int, default=0, help="degree the checkpoint was fine-tuned at")
+    p.add_argument("--target", type=int, nargs="+", default=[0, 4, 8, 12, 16])
+    p.add_argument("--plugin", help="compensator file")
+    p.add_argument("--scale", type=float, nargs="+", help="plugin scale(s) s to try")
+    p.add_argument("--select-scale-on", choices=["val"], help="pick s per target on this split")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("visualize", help="picture of which patches merged into which token")
     p.add_argument("image")

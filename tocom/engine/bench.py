@@ -35,7 +35,7 @@ class BenchRow:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -49,10 +49,10 @@ def time_interleaved(runners: dict[str, Callable[[], object]], device: torch.dev
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in tqdm(range(rounds), desc="bench rounds", disable=not progress, leave=False):
         for name, fn in runners.items():
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

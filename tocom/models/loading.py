@@ -9,6 +9,8 @@ import timm
 import torch
 from torch import nn
 
+from tocom.atomic import atomic_write
+
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata of a checkpoint, never unpickling arbitrary objects.
@@ -69,6 +71,10 @@ def create_model(name: str, checkpoint: str | Path | None = None, *, pretrained:
             kw["num_classes"] = num_classes
         return timm.create_model(name, pretrained=pretrained, **kw)
     state, meta = read_state_dict(checkpoint)
+    saved_for = meta.get("model_name")
+    if saved_for and saved_for != name:
+        raise ValueError(f"checkpoint {checkpoint} was saved for {saved_for}, not {name}; "
+                         "pass that model name")
     kw = json.loads(meta.get("model_kwargs", "{}"))
     kw.update(kwargs)
     classes = checkpoint_num_classes(state) if num_classes is None else num_classes
@@ -88,3 +94,19 @@ def create_model(name: str, checkpoint: str | Path | None = None, *, pretrained:
             f"shape mismatches {shapes}; pass the model name it was trained with"
         ) from err
     return model
+
+
+def save_model(model: nn.Module, path: str | Path, name: str, model_kwargs: dict | None = None,
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s weights as safetensors with the metadata :func:`create_model` reads back.
+
+    The write is atomic (:func:`tocom.atomic.atomic_write`).
+    """
+    from safetensors.torch import save_file
+
+    meta = {"model_name": name, "model_kwargs": json.dumps(model_kwargs or {}),
+            "num_classes": str(getattr(model, "num_classes", 0)), **(metadata or {})}
+    # safetensors refuses shared storage; contiguous copies of each tensor are safe to write.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path

@@ -1,0 +1,78 @@
+"""Self-distillation objective that trains a compensator against a frozen backbone.
+
+Each step draws a pair ``src != tgt`` from 0..max_r. The teacher is the backbone at ``src``
+(no grad, no delta); the student is the same backbone at ``tgt`` with delta(src -> tgt) applied
+by the live wrappers. Loss: KL(teacher || student) on soft targets, L1 on pooled features for a
+headless backbone, or (ablation) cross-entropy on labels.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tocom.compensator.live import install_live, remove_live, set_pair
+from tocom.compensator.plugin import Compensator
+from tocom.models import is_patched, patch
+
+LOSSES = ("kd", "ce")
+
+
+def sample_pair(max_r: int, rng: random.Random | None = None) -> tuple[int, int]:
+    """A uniform ordered pair of distinct degrees in 0..max_r."""
+    rng = rng or random
+    src = rng.randint(0, max_r)
+    tgt = rng.randint(0, max_r - 1)
+    return src, tgt + (tgt >= src)
+
+
+class DistillObjective(nn.Module):
+    """``objective((images, labels)) -> (loss, {"src": s, "tgt": t})``; only the plugin trains."""
+
+    def __init__(self, model: nn.Module, plugin: Compensator, max_r: int | None = None, loss: str = "kd"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.max_r = plugin.spec.max_degree if max_r is None else max_r
+        plugin.check_degree(self.max_r)
+        if self.max_r < 1:
+            raise ValueError("max_r must be >= 1: distillation needs two different degrees")
+        if not is_patched(model):
+            patch(model, plugin.spec.method)
+        model.requires_grad_(False)
+        self.model = install_live(model, plugin)
+        self.plugin = plugin
+        self.loss_kind = loss
+        self.headless = getattr(model, "num_classes", 0) == 0
+
+    def train(self, mode: bool = True) -> DistillObjective:
+        super().train(mode)
+        self.model.eval()  # the frozen backbone never runs dropout or drop-path
+        return self
+
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = batch[0], batch[1]
+        src, tgt = sample_pair(self.max_r)
+        set_pair(self.plugin, src, src)
+        self.model.r = src
+        with torch.no_grad():
+            teacher = self.model(images)
+        set_pair(self.plugin, src, tgt)
+        self.model.r = tgt
+        student = self.model(images)
+        set_pair(self.plugin, src, src)
+        if self.loss_kind == "ce":
+            loss = F.cross_entropy(student, labels)
+        elif self.headless:
+            loss = F.l1_loss(student, teacher)
+        else:
+            loss = F.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1),
+                            reduction="batchmean", log_target=True)
+        return loss, {"src": float(src), "tgt": float(tgt)}
+
+    def release(self) -> nn.Module:
+        """The backbone without live wrappers (the plugin keeps its trained weights)."""
+        return remove_live(self.model)

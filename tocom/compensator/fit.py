@@ -1,0 +1,38 @@
+"""Does a plugin fit a model? Shapes read off a timm ViT, mismatches named."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tocom.models import dims_of
+
+
+def _arch_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def spec_for(model: nn.Module, **kwargs):
+    """A :class:`PluginSpec` for ``model``; ``kwargs`` set groups, rank, scale, method, variant, arch."""
+    from tocom.compensator.plugin import PluginSpec
+
+    dims = dims_of(model)
+    arch = kwargs.pop("arch", None) or _arch_name(model)
+    return PluginSpec(arch=arch, embed_dim=dims.embed_dim, depth=dims.depth,
+                      num_heads=model.blocks[0].attn.num_heads, attn_dim=dims.attn_dim, **kwargs)
+
+
+def check_fits(spec, model: nn.Module) -> None:
+    """Raise ValueError naming every way ``spec`` does not fit ``model``."""
+    here = spec_for(model)
+    problems = [
+        f"{what} {getattr(spec, field)}, model has {getattr(here, field)}"
+        for field, what in (("depth", "depth"), ("embed_dim", "embed dim"),
+                            ("num_heads", "heads"), ("attn_dim", "attention dim"))
+        if getattr(spec, field) != getattr(here, field)
+    ]
+    if problems:
+        raise ValueError(
+            f"plugin for {spec.arch} does not fit this {here.arch}: plugin was trained for "
+            + "; ".join(problems) + ". Use a plugin trained for this architecture."
+        )

@@ -1,0 +1,94 @@
+"""Evaluation sweeps: top-1 accuracy and throughput at many degrees, with and without a plugin.
+
+Images are decoded once: every batch is run through every configuration before the next batch
+is loaded. A configuration is a target degree and a plugin scale (None: no plugin).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from tocom.compensator import attach, attachment, set_degree
+from tocom.engine.bench import sync_device
+
+
+@dataclass
+class EvalRow:
+    """One line of ``tocom eval`` output (also its JSON schema)."""
+
+    target: int
+    source: int
+    plugin: bool
+    scale: float | None
+    accuracy: float  # top-1 in [0, 1]
+    throughput: float  # images/s of the forward passes alone
+    split: str = "test"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 2) -> DataLoader:
+    """A plain, ordered evaluation loader."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+@torch.inference_mode()
+def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[int], source: int,
+          plugin: nn.Module | None = None, scales: Sequence[float] | None = None,
+          device: str | torch.device = "cpu", split: str = "test", progress: bool = True) -> list[EvalRow]:
+    """Accuracy of a patched model at each target, without and (if given) with the plugin.
+
+    Args:
+        model: patched timm ViT fine-tuned at degree ``source``.
+        plugin: a :class:`tocom.Compensator`; each ``scales`` value gives one more row per target
+            (default: the plugin's own scale).
+    """
+    device = torch.device(device)
+    model.to(device).eval()
+    configs: list[tuple[int, float | None]] = [(t, None) for t in targets]
+    if plugin is not None:
+        if "_tocom_compensator" not in model.__dict__:
+            attach(model, plugin, source=source)
+        scales = list(scales) if scales else [attachment(model).plugin.spec.scale]
+        configs += [(t, s) for t in targets for s in scales]
+    correct = {c: 0 for c in configs}
+    seconds = {c: 0.0 for c in configs}
+    seen = 0
+    for images, labels in tqdm(loader, desc=f"eval {split}", disable=not progress, leave=False):
+        images, labels = images.to(device), labels.to(device)
+        for target, scale in configs:
+            if plugin is not None:
+                set_degree(model, target, scale=0.0 if scale is None else scale)  # scale 0: exact originals
+            else:
+                model.r = target
+            sync_device(device)
+            start = time.perf_counter()
+            logits = model(images)
+            sync_device(device)
+            seconds[(target, scale)] += time.perf_counter() - start
+            correct[(target, scale)] += int((logits.argmax(-1) == labels).sum())
+        seen += len(labels)
+    if seen == 0:
+        raise ValueError("the evaluation split is empty")
+    return [EvalRow(t, source, s is not None, s, correct[(t, s)] / seen, seen / seconds[(t, s)], split)
+            for t, s in configs]
+
+
+def select_scales(val_rows: Sequence[EvalRow]) -> dict[int, float]:
+    """Best plugin scale per target on validation rows (ties: the smaller scale)."""
+    best: dict[int, EvalRow] = {}
+    for row in val_rows:
+        if not row.plugin:
+            continue
+        cur = best.get(row.target)
+        if cur is None or (row.accuracy, -row.scale) > (cur.accuracy, -cur.scale):
+            best[row.target] = row
+    return {t: row.scale for t, row in best.items()}
