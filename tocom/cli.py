@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from tocom.compress import parse_schedule
-from tocom.models import dims_of, patch
-from tocom.models.loading import create_model
+from tocom.models import dims_of, patch, unpatch
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +17,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    return create_model(args.model, args.checkpoint, pretrained=args.pretrained).eval()
+    from tocom.engine.modelio import load_model
+
+    # Each command patches and sets r itself (bench also times an unpatched copy), so a fine-tuned
+    # model comes back unpatched; its PYRA modulators stay in its blocks for the next patch().
+    return unpatch(load_model(args.model, args.checkpoint, pretrained=args.pretrained)).eval()
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -56,12 +59,31 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from tocom.engine import distributed
+    from tocom.engine.finetune import run_finetune
+
+    _, recipe = run_finetune(
+        args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
+        r=args.r, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        rank=args.rank, lora_targets=tuple(args.lora_targets), bottleneck=args.bottleneck,  # "qv" -> q, v
+        adapter_scale=args.adapter_scale, split_train=args.split_train, val_every=args.val_every,
+        out=args.out, run_dir=args.run_dir, resume=args.resume, num_workers=args.workers,
+        device=args.device, seed=args.seed)
+    if distributed.rank() == 0:
+        print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from tocom.compensator import Compensator
     from tocom.data import eval_transform, load_dataset
     from tocom.engine.evaluate import make_loader, select_scales, sweep
+    from tocom.engine.modelio import checkpoint_metadata, source_degree
     from tocom.engine.report import format_table, json_lines
 
+    if args.source is None:  # a tocom finetune output records the degree it was trained at
+        meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
+        args.source = source_degree(meta) or 0
     model = patch(_load(args), args.method)
     plugin = Compensator.load(args.plugin) if args.plugin else None
     for degree in [args.source, *args.target] if plugin is not None else []:
@@ -91,7 +113,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json_lines(dicts) if args.json else format_table(dicts))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tocom.engine.demo import run_demo
+
+    run_demo(args.out, checkpoint=args.checkpoint, plugin_file=args.plugin, quick=args.quick)
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from tocom.experiments import run_experiment
+
+    for name in args.name:
+        print(f"wrote {run_experiment(name, args.out, args.budget, args.work)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tocom.engine.finetune import PRESETS
+    from tocom.engine.modelio import METHODS as FINETUNE_METHODS
+
     parser = argparse.ArgumentParser(prog="tocom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -130,12 +168,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser("finetune", help="fine-tune on a labelled dataset under a compression schedule")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="VTAB-1k task folder or ImageFolder splits")
+    p.add_argument("--method", choices=FINETUNE_METHODS, help="default: the preset's (required with small)")
+    # --schedule: torchrun's own parser rejects "--r" as an ambiguous abbreviation of its --rdzv-* flags.
+    p.add_argument("--r", "--schedule", dest="r",
+                   help="schedule: 8, 8,8,4, flops=0.5, low or high (default: the preset's)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float, help="absolute lr (default from the preset)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (lora, pyra)")
+    p.add_argument("--lora-targets", choices=["qkv", "qv"], default="qkv")
+    p.add_argument("--bottleneck", type=int, default=32, help="AdaptFormer width")
+    p.add_argument("--adapter-scale", type=float, default=0.1, help="AdaptFormer scale s")
+    p.add_argument("--split-train", choices=["train", "trainval"], default="train",
+                   help="trainval: VTAB-1k final runs (no validation); train: validate on val")
+    p.add_argument("--val-every", type=int, help="epochs between validations (default: epochs / 10)")
+    p.add_argument("--out", default="finetuned.safetensors")
+    p.add_argument("--run-dir", help="checkpoints and metrics (default: OUT.run)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("eval", help="top-1 at target degrees, with and without a plugin")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="VTAB-1k task folder or ImageFolder splits")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])
     p.add_argument("--method", choices=["tome", "evit"], default="tome")
-    p.add_argument("--source", type=int, default=0, help="degree the checkpoint was fine-tuned at")
+    p.add_argument("--source", type=int,
+                   help="degree the checkpoint was fine-tuned at (default: its metadata, else 0)")
     p.add_argument("--target", type=int, nargs="+", default=[0, 4, 8, 12, 16])
     p.add_argument("--plugin", help="compensator file")
     p.add_argument("--scale", type=float, nargs="+", help="plugin scale(s) s to try")
@@ -145,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="distil a plugin, fine-tune at r=0, compare degrees with/without it")
+    p.add_argument("--checkpoint", help="DeiT-Tiny weights (default: ../shared or $TOCOM_SHARED)")
+    p.add_argument("--plugin", help="use this compensator instead of distilling one")
+    p.add_argument("--out", default="demo-out", help="folder for results.json, accuracy.png, models")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, not a result)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("experiment", help="run the papers' experiments in miniature (needs ../shared)")
+    p.add_argument("name", nargs="+", choices=["mismatch", "gap", "gains", "ablations", "evit", "pyra"])
+    p.add_argument("--budget", choices=["small", "smoke"], default="small")
+    p.add_argument("--out", default="docs/results", help="where results files go")
+    p.add_argument("--work", default="runs/experiments", help="cache of models, plugins and evaluations")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("visualize", help="picture of which patches merged into which token")
     p.add_argument("image")

@@ -2,9 +2,11 @@
 
 from tocom.compress.evit import PrunePlan, prune, prune_plan, prune_source
 from tocom.compress.flops import ViTDims, gflops, model_flops, schedule_from_flops
+from tocom.compress.named import NAMED_SCHEDULES, named_schedule
 from tocom.compress.parse import parse_schedule
 from tocom.compress.schedule import (
     Schedule,
+    check_unclamped,
     clamp_schedule,
     ratio_schedule,
     resolve_schedule,
@@ -15,6 +17,7 @@ from tocom.compress.tome import (
     Modulator,
     bipartite_matching,
     merge,
+    merge_pairs,
     merge_source,
     merge_wavg,
     modulate_sources,
@@ -23,10 +26,10 @@ from tocom.compress.tome import (
 from tocom.compress.unmerge import initial_source, token_assignment, unmerge
 
 __all__ = [
-    "MergePlan", "Modulator", "PrunePlan", "Schedule", "ViTDims", "bipartite_matching",
-    "clamp_schedule", "gflops", "initial_source", "merge", "merge_source", "merge_wavg",
-    "model_flops", "modulate_sources", "parse_schedule", "prune", "prune_plan", "prune_source",
-    "random_matching",
+    "NAMED_SCHEDULES", "MergePlan", "Modulator", "PrunePlan", "Schedule", "ViTDims", "bipartite_matching",
+    "check_unclamped", "clamp_schedule", "gflops", "initial_source", "merge", "merge_pairs", "merge_source",
+    "merge_wavg", "model_flops", "modulate_sources", "named_schedule", "parse_schedule", "prune",
+    "prune_plan", "prune_source", "random_matching",
     "ratio_schedule", "resolve_schedule", "schedule_from_flops", "token_assignment",
     "tokens_per_layer", "unmerge",
 ]

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from tocom.compress.flops import ViTDims, schedule_from_flops
+from tocom.compress.named import NAMED_SCHEDULES, named_schedule
 from tocom.compress.schedule import Schedule, resolve_schedule
 
 
 def parse_schedule(text: str, dims: ViTDims | None = None) -> Schedule:
-    """Parse ``"8"``, ``"8,8,4,0"`` (per block), ``"8:-1"`` ((r, inflection)) or ``"flops=0.5"``.
+    """Parse ``"8"``, ``"8,8,4,0"`` (per block), ``"8:-1"`` ((r, inflection)), ``"flops=0.5"``,
+    or PYRA's named ``"low"`` / ``"high"``.
 
-    ``flops=`` needs ``dims`` and yields a per-block list (PYRA supplementary Eq. 1).
+    ``flops=`` and the names need ``dims`` and yield a per-block list (PYRA supplementary Eq. 1;
+    :mod:`tocom.compress.named`).
     """
     text = text.strip()
+    if text in NAMED_SCHEDULES:
+        if dims is None:
+            raise ValueError(f"the named schedule {text!r} needs the model's dimensions (its depth)")
+        return named_schedule(text, dims.depth)
     try:
         if text.startswith("flops="):
             if dims is None:
@@ -27,7 +34,7 @@ def parse_schedule(text: str, dims: ViTDims | None = None) -> Schedule:
     except ValueError as err:
         raise ValueError(
             f"cannot read schedule {text!r} ({err}); write an int (8), a per-block list (8,8,4), "
-            "r:inflection (8:-1) or flops=RATIO (flops=0.5)"
+            "r:inflection (8:-1), flops=RATIO (flops=0.5) or low / high (PYRA)"
         ) from None
     if dims is not None:
         resolve_schedule(schedule, dims.depth)

@@ -98,6 +98,25 @@ def clamp_schedule(schedule: Sequence[int], num_tokens: int, num_prefix: int) ->
     return effective
 
 
+def check_unclamped(schedule: Sequence[int], num_tokens: int, num_prefix: int) -> list[int]:
+    """Return ``schedule`` if no block would be clamped, else raise naming the first such block.
+
+    Methods that train per-block parameters for a fixed r (PYRA) or fine-tune at a fixed schedule
+    need every block to remove exactly the r it was given.
+    """
+    effective = clamp_schedule(schedule, num_tokens, num_prefix)
+    tokens = num_tokens
+    for i, (asked, got) in enumerate(zip(schedule, effective)):
+        if asked != got:
+            raise ValueError(
+                f"schedule {list(schedule)} would be clamped at block {i}: it asks for r={asked} but only "
+                f"{got} of its {tokens} tokens can merge ((tokens - {num_prefix} protected) // 2); "
+                "lower r there or use a milder schedule (e.g. flops=RATIO)"
+            )
+        tokens -= got
+    return list(schedule)
+
+
 def tokens_per_layer(schedule: Sequence[int], num_tokens: int, num_prefix: int) -> list[int]:
     """Sequence length after each block for an (unclamped) schedule; clamping is applied."""
     tokens, out = num_tokens, []

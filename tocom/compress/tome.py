@@ -102,28 +102,44 @@ def _order(unm: torch.Tensor, dst: torch.Tensor, num_prefix: int) -> torch.Tenso
     return torch.cat([prefix, unm[:, pa:], dst[:, pb:]], dim=1)
 
 
-def merge(plan: MergePlan, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+def merge(plan: MergePlan, x: torch.Tensor, mode: str = "sum", src: torch.Tensor | None = None
+          ) -> torch.Tensor:
     """Apply a plan to any per-token tensor.
 
     Args:
         plan: from :func:`bipartite_matching`.
         x: (B, N, C) tokens.
         mode: how sources combine with their destination: ``"sum"``, ``"mean"`` or ``"amax"``.
+        src: (B, r, C) to merge in place of the planned source tokens (e.g. modulated ones);
+            None merges the tokens of ``x`` themselves.
 
     Returns:
         (B, N - r, C).
     """
-    src, dst = x[..., ::2, :], x[..., 1::2, :]
-    batch, na, c = src.shape
+    a, b = x[..., ::2, :], x[..., 1::2, :]
+    batch, na, c = a.shape
     r = plan.r
-    unm = src.gather(dim=-2, index=plan.unm_idx.expand(batch, na - r, c))
-    src = src.gather(dim=-2, index=plan.src_idx.expand(batch, r, c))
-    dst = dst.scatter_reduce(-2, plan.dst_idx.expand(batch, r, c), src, reduce=mode)
-    return _order(unm, dst, plan.num_prefix)
+    unm = a.gather(dim=-2, index=plan.unm_idx.expand(batch, na - r, c))
+    if src is None:
+        src = a.gather(dim=-2, index=plan.src_idx.expand(batch, r, c))
+    b = b.scatter_reduce(-2, plan.dst_idx.expand(batch, r, c), src, reduce=mode)
+    return _order(unm, b, plan.num_prefix)
+
+
+def merge_pairs(plan: MergePlan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The r source tokens and their destinations, each (B, r, C), of tokens ``x`` (B, N, C)."""
+    batch, _, c = x.shape
+    r = plan.r
+    src = x[..., ::2, :].gather(dim=-2, index=plan.src_idx.expand(batch, r, c))
+    dst = x[..., 1::2, :].gather(dim=-2, index=plan.dst_idx.expand(batch, r, c))
+    return src, dst
 
 
 def modulate_sources(plan: MergePlan, x: torch.Tensor, modulator: Modulator) -> torch.Tensor:
     """Replace the A tokens about to be merged by ``modulator(sources, destinations)``.
+
+    Merging then is ``merge_wavg(plan, x, size, modulator)``, which does the same without this
+    full-length copy; this function is for inspecting what a modulator does.
 
     Args:
         x: (B, N, C) tokens.
@@ -132,31 +148,35 @@ def modulate_sources(plan: MergePlan, x: torch.Tensor, modulator: Modulator) -> 
         (B, N, C) with only the r source tokens changed.
     """
     batch, _, c = x.shape
-    r = plan.r
     a, b = x[..., ::2, :], x[..., 1::2, :]
-    src = a.gather(dim=-2, index=plan.src_idx.expand(batch, r, c))
-    dst = b.gather(dim=-2, index=plan.dst_idx.expand(batch, r, c))
-    a = a.scatter(-2, plan.src_idx.expand(batch, r, c), modulator(src, dst))
+    a = a.scatter(-2, plan.src_idx.expand(batch, plan.r, c), modulator(*merge_pairs(plan, x)))
     out = torch.empty_like(x)
     out[..., ::2, :] = a
     out[..., 1::2, :] = b
     return out
 
 
-def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None,
+               modulator: Modulator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge as a size-weighted average and track sizes.
 
     Args:
         x: (B, N, C) tokens.
         size: (B, N, 1) patches per token, or None for all ones.
+        modulator: optional PYRA-style hook; it sees the tokens themselves (not their
+            size-weighted sums) and its output replaces the sources before weighting.
 
     Returns:
         merged tokens (B, N - r, C) and their sizes (B, N - r, 1).
     """
     if size is None:
         size = torch.ones_like(x[..., 0, None])
-    x = merge(plan, x * size, mode="sum")
+    weighted = x * size
+    src = None
+    if modulator is not None:
+        src_size = size[..., ::2, :].gather(dim=-2, index=plan.src_idx)
+        src = (modulator(*merge_pairs(plan, x)) * src_size).to(weighted.dtype)
+    x = merge(plan, weighted, mode="sum", src=src)
     size = merge(plan, size, mode="sum")
     return x / size, size
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tocom.compensator import attach, attachment, set_degree
+from tocom.compress import Schedule
 from tocom.engine.bench import sync_device
 
 
@@ -23,7 +24,7 @@ from tocom.engine.bench import sync_device
 class EvalRow:
     """One line of ``tocom eval`` output (also its JSON schema)."""
 
-    target: int
+    target: int | list[int]  # a degree, or a per-block schedule (no plugin)
     source: int
     plugin: bool
     scale: float | None
@@ -41,19 +42,21 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 2) -> Data
 
 
 @torch.inference_mode()
-def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[int], source: int,
+def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], source: int,
           plugin: nn.Module | None = None, scales: Sequence[float] | None = None,
           device: str | torch.device = "cpu", split: str = "test", progress: bool = True) -> list[EvalRow]:
     """Accuracy of a patched model at each target, without and (if given) with the plugin.
 
     Args:
         model: patched timm ViT fine-tuned at degree ``source``.
+        targets: degrees (or, without a plugin, any schedule such as a per-block list).
         plugin: a :class:`tocom.Compensator`; each ``scales`` value gives one more row per target
             (default: the plugin's own scale).
     """
     device = torch.device(device)
     model.to(device).eval()
-    configs: list[tuple[int, float | None]] = [(t, None) for t in targets]
+    targets = [tuple(t) if isinstance(t, list) else t for t in targets]  # hashable config keys
+    configs: list[tuple[Schedule, float | None]] = [(t, None) for t in targets]
     if plugin is not None:
         if "_tocom_compensator" not in model.__dict__:
             attach(model, plugin, source=source)
@@ -62,13 +65,16 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[int], source: 
     correct = {c: 0 for c in configs}
     seconds = {c: 0.0 for c in configs}
     seen = 0
-    for images, labels in tqdm(loader, desc=f"eval {split}", disable=not progress, leave=False):
+    for batch_index, (images, labels) in enumerate(
+            tqdm(loader, desc=f"eval {split}", disable=not progress, leave=False)):
         images, labels = images.to(device), labels.to(device)
-        for target, scale in configs:
+        # Loader workers decode the next batch while the first configurations run; alternating
+        # the order spreads that contention evenly instead of charging it to the first ones.
+        for target, scale in configs if batch_index % 2 == 0 else configs[::-1]:
             if plugin is not None:
                 set_degree(model, target, scale=0.0 if scale is None else scale)  # scale 0: exact originals
             else:
-                model.r = target
+                model.r = list(target) if isinstance(target, tuple) else target
             sync_device(device)
             start = time.perf_counter()
             logits = model(images)
@@ -78,8 +84,8 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[int], source: 
         seen += len(labels)
     if seen == 0:
         raise ValueError("the evaluation split is empty")
-    return [EvalRow(t, source, s is not None, s, correct[(t, s)] / seen, seen / seconds[(t, s)], split)
-            for t, s in configs]
+    return [EvalRow(list(t) if isinstance(t, tuple) else t, source, s is not None, s, correct[(t, s)] / seen,
+                    seen / seconds[(t, s)], split) for t, s in configs]
 
 
 def select_scales(val_rows: Sequence[EvalRow]) -> dict[int, float]:

@@ -17,7 +17,6 @@ from tocom.compress import (
     bipartite_matching,
     merge_source,
     merge_wavg,
-    modulate_sources,
     prune,
     prune_plan,
     prune_source,
@@ -113,12 +112,10 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
     if r > 0:
         if config.method == "tome":
             plan = bipartite_matching(metric, r, num_prefix)
-            modulator = getattr(blk, "merge_modulator", None)
-            if modulator is not None:
-                x = modulate_sources(plan, x, modulator)
             if source is not None:
                 source = merge_source(plan, source)
-            x, size = merge_wavg(plan, x, size)
+            # A PYRA-style modulator (tocom.pyra) rewrites the sources inside the merge.
+            x, size = merge_wavg(plan, x, size, getattr(blk, "merge_modulator", None))
         else:
             plan = prune_plan(metric, r, num_prefix, fuse=config.fuse)
             if source is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -71,10 +72,24 @@ def create_model(name: str, checkpoint: str | Path | None = None, *, pretrained:
             kw["num_classes"] = num_classes
         return timm.create_model(name, pretrained=pretrained, **kw)
     state, meta = read_state_dict(checkpoint)
+    return build_model(name, state, meta, checkpoint, num_classes=num_classes, **kwargs)
+
+
+def build_model(name: str, state: dict[str, torch.Tensor], meta: dict[str, str], source: str | Path, *,
+                num_classes: int | None = None, prepare: Callable[[nn.Module], object] | None = None,
+                optional: tuple[str, ...] = (), **kwargs) -> nn.Module:
+    """Build ``name`` for a checkpoint's tensors and metadata (from :func:`read_state_dict`) and load them.
+
+    Args:
+        source: where the tensors came from, for error messages.
+        prepare: called on the fresh model before loading, to add modules the state dict holds
+            (adapters, modulators).
+        optional: key prefixes that may be absent from ``state`` (e.g. ``("head.",)`` when a new
+            head is trained); every other key must match in name and shape.
+    """
     saved_for = meta.get("model_name")
     if saved_for and saved_for != name:
-        raise ValueError(f"checkpoint {checkpoint} was saved for {saved_for}, not {name}; "
-                         "pass that model name")
+        raise ValueError(f"checkpoint {source} was saved for {saved_for}, not {name}; pass that model name")
     kw = json.loads(meta.get("model_kwargs", "{}"))
     kw.update(kwargs)
     classes = checkpoint_num_classes(state) if num_classes is None else num_classes
@@ -83,16 +98,18 @@ def create_model(name: str, checkpoint: str | Path | None = None, *, pretrained:
     elif "head.weight" not in state:
         kw.setdefault("num_classes", 0)
     model = timm.create_model(name, pretrained=False, **kw)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        expected, got = set(model.state_dict()), set(state)
-        missing, unexpected = sorted(expected - got)[:5], sorted(got - expected)[:5]
-        shapes = [k for k in expected & got if model.state_dict()[k].shape != state[k].shape][:5]
+    if prepare is not None:
+        prepare(model)
+    own = model.state_dict()
+    missing = sorted(k for k in own.keys() - state.keys() if not k.startswith(optional))
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
         raise ValueError(
-            f"checkpoint {checkpoint} does not fit {name}: missing {missing}, unexpected {unexpected}, "
-            f"shape mismatches {shapes}; pass the model name it was trained with"
-        ) from err
+            f"checkpoint {source} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {shapes[:5]}; pass the model name it was trained with"
+        )
+    model.load_state_dict(state, strict=not optional)
     return model
 
 

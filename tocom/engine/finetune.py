@@ -1,0 +1,246 @@
+"""``tocom finetune``: fine-tune a timm ViT on a labelled dataset under a compression schedule.
+
+Methods: ``full`` (every weight), ``lora`` (rank-h LoRA on q, k, v or q, v of the fused qkv),
+``adaptformer`` (bottleneck adapters parallel to each MLP) and ``pyra`` (LoRA plus PYRA token
+modulation). The loop is :func:`tocom.engine.trainer.train` with a :class:`ClassifyObjective`; the
+result is one safetensors file with LoRA folded in (AdaptFormer adapters and PYRA modulators
+stay: they run at inference) that :func:`tocom.engine.modelio.load_model` rebuilds.
+
+Presets (``PRESETS``): ToCom's downstream recipes (DeiT-style: AdamW, cosine, label smoothing 0.1,
+RandAugment + random erasing, lr scaled per 512 images of global batch; their mixup/cutmix,
+repeated augmentation and EMA are not reproduced), PYRA's VTAB-1k recipe, and ``small`` for quick
+runs on a few hundred images.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from tocom.compress import check_unclamped, parse_schedule, resolve_schedule
+from tocom.data import eval_transform, load_dataset, train_transform
+from tocom.engine import distributed
+from tocom.engine.config import TrainConfig
+from tocom.engine.evaluate import make_loader
+from tocom.engine.modelio import METHODS, finetune_metadata
+from tocom.engine.trainer import Objective, train
+from tocom.models import dims_of, patch
+from tocom.models.loading import (
+    build_model,
+    checkpoint_num_classes,
+    create_model,
+    read_state_dict,
+    save_model,
+)
+from tocom.peft import add_adaptformer, add_lora, mark_trainable, merge
+from tocom.pyra import PARAM_PATTERN, add_pyra
+
+HEAD_KEYS = ("head.", "head_dist.")  # DeiT distilled models have a second head
+RECIPE_FIELDS = ("steps", "lr", "batch_size", "weight_decay", "warmup_steps", "seed")  # of TrainConfig
+
+
+@dataclass(frozen=True)
+class FinetunePreset:
+    """A published (or quick) recipe; command-line flags override its fields."""
+
+    method: str | None  # the method the recipe was published for (None: any, pass --method)
+    epochs: int
+    batch_size: int  # per process
+    lr: float  # absolute, or per 512 images of global batch when lr_per_512
+    weight_decay: float
+    warmup_epochs: int
+    augment: str  # tocom.data.train_transform kind; "squash" also validates on squashed images
+    label_smoothing: float = 0.0
+    drop_path: float = 0.0
+    lr_per_512: bool = False
+    full_lr: float | None = None  # presets for any method: lr of full fine-tuning
+    schedule: str = "0"  # default --r
+
+
+PRESETS: dict[str, FinetunePreset] = {
+    # ToCom (Jie et al., ECCV 2024) README: CIFAR-100, 100 epochs, lr 5e-5 per 512, warm-up 10.
+    "tocom-cifar100-full": FinetunePreset("full", 100, 128, 5e-5, 0.05, 10, "deit", 0.1, 0.1, True),
+    # ToCom FGVC (CUB's lr; Cars/Flowers 2e-3, Dogs 2e-4), 30 epochs, warm-up 5.
+    "tocom-fgvc-full": FinetunePreset("full", 30, 64, 1e-3, 0.05, 5, "deit", 0.1, 0.1, True),
+    # VTAB-1k AdaptFormer, 100 epochs, NOAH-style (ToCom publishes no VTAB command line).
+    "tocom-vtab-adaptformer": FinetunePreset("adaptformer", 100, 64, 1e-3, 1e-4, 10, "squash"),
+    # PYRA (Xiong et al., ECCV 2024) scripts: LoRA + PYRA, batch 32, no augmentation, direct resize.
+    "pyra-vtab": FinetunePreset("pyra", 100, 32, 1e-3, 1e-4, 10, "squash", schedule="high"),
+    "small": FinetunePreset(None, 10, 32, 1e-3, 1e-4, 1, "squash", full_lr=1e-4),
+}
+
+
+class ClassifyObjective(Objective):
+    """``objective((images, labels)) -> (cross-entropy, {"acc": batch accuracy})``; trains in train mode."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, labels = batch[0], batch[1]
+        logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
+
+
+def load_for_classes(name: str, checkpoint: str | Path | None, pretrained: bool, num_classes: int,
+                     **kwargs: Any) -> tuple[nn.Module, bool, dict[str, Any]]:
+    """The backbone with a ``num_classes`` head: ``(model, head_is_new, architecture kwargs)``.
+
+    The pretrained head is kept when its size matches and dropped (freshly initialised) otherwise.
+    """
+    if checkpoint is None:
+        model = create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        # timm keeps its pretrained head only when the class counts agree.
+        return model, not pretrained or model.pretrained_cfg.get("num_classes") != num_classes, {}
+    state, meta = read_state_dict(checkpoint)
+    if meta.get("method") in ("adaptformer", "pyra"):
+        raise ValueError(f"{checkpoint} holds a {meta['method']} model; fine-tune from plain weights "
+                         "(full and lora outputs are plain)")
+    keep = checkpoint_num_classes(state) == num_classes
+    if not keep:
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
+    model = build_model(name, state, meta, checkpoint, num_classes=num_classes,
+                        optional=() if keep else HEAD_KEYS, **kwargs)
+    return model, not keep, json.loads(meta.get("model_kwargs", "{}"))
+
+
+def add_method(model: nn.Module, method: str, rank: int = 8, targets: tuple[str, ...] = ("q", "k", "v"),
+               bottleneck: int = 32, scale: float = 0.1) -> dict[str, Any]:
+    """Add ``method``'s modules to a patched model at its schedule, choose what trains; returns the
+    adapter settings to record."""
+    if method == "full":
+        model.requires_grad_(True)
+        return {}
+    if method == "adaptformer":
+        mark_trainable(add_adaptformer(model, bottleneck=bottleneck, scale=scale), "adaptformer")
+        return {"bottleneck": bottleneck, "scale": scale}
+    if method not in ("lora", "pyra"):
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    add_lora(model, rank=rank, targets=targets)
+    if method == "pyra":
+        add_pyra(model)
+    mark_trainable(model, "lora", extra=[PARAM_PATTERN] if method == "pyra" else ())
+    return {"rank": rank, "targets": list(targets)}
+
+
+def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path | None = None,
+                  pretrained: bool = False, method: str = "lora", r: str = "0", rank: int = 8,
+                  lora_targets: tuple[str, ...] = ("q", "k", "v"), bottleneck: int = 32,
+                  adapter_scale: float = 0.1, drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
+    """The model :func:`run_finetune` trains: a ``num_classes`` head, ToMe at schedule ``r`` (text, never
+    clamped), ``method``'s modules, and only what the method trains marked trainable.
+
+    Returns:
+        the model and ``{"schedule", "peft", "new_head", "model_kwargs"}`` for the checkpoint metadata.
+    """
+    extra = {"drop_path_rate": drop_path} if drop_path else {}
+    model, new_head, model_kwargs = load_for_classes(model_name, checkpoint, pretrained, num_classes, **extra)
+    patch(model, "tome")
+    dims = dims_of(model)
+    schedule = check_unclamped(resolve_schedule(parse_schedule(r, dims), dims.depth),
+                               dims.num_tokens, dims.num_prefix)
+    model.r = schedule
+    peft = add_method(model, method, rank, tuple(lora_targets), bottleneck, adapter_scale)
+    return model, {"schedule": schedule, "peft": peft, "new_head": new_head, "model_kwargs": model_kwargs}
+
+
+def accuracy_hook(data: Dataset, batch_size: int, num_workers: int):
+    """An ``evaluate(objective, step)`` for :func:`train`: top-1 on this rank's shard of ``data``."""
+    shard = Subset(data, range(distributed.rank(), len(data), distributed.world_size()))
+    loader = make_loader(shard, batch_size, num_workers)
+
+    def evaluate(objective: nn.Module, step: int) -> dict[str, float]:
+        device = next(objective.parameters()).device
+        correct = seen = 0
+        for images, labels in loader:
+            logits = objective.model(images.to(device))
+            correct += int((logits.argmax(-1).cpu() == labels).sum())
+            seen += len(labels)
+        return {"val_acc": correct / max(seen, 1)}
+
+    return evaluate
+
+
+def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | None = None,
+                 pretrained: bool = False, method: str | None = None, r: str | None = None,
+                 preset: str = "small", epochs: int | None = None, batch_size: int | None = None,
+                 lr: float | None = None, rank: int = 8, lora_targets: tuple[str, ...] = ("q", "k", "v"),
+                 bottleneck: int = 32, adapter_scale: float = 0.1, split_train: str = "train",
+                 val_every: int | None = None, out: str | Path = "finetuned.safetensors",
+                 run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
+                 device: str | None = None, seed: int = 0, progress: bool = True,
+                 stop_after: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune and write ``out``; returns the (folded) model and the recipe recorded in it.
+
+    ``r`` is any :func:`tocom.compress.parse_schedule` text (``8``, ``8,8,4``, ``flops=0.5``,
+    ``low``/``high``); a schedule that would be clamped is refused. ``split_train="trainval"``
+    trains on train+val (VTAB-1k's final-number protocol) and then skips validation.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    method = method or p.method
+    if method not in METHODS:
+        raise ValueError(f"preset {preset!r} serves any method: pass method= one of {METHODS}"
+                         if method is None else f"unknown method {method!r}; choose one of {METHODS}")
+    if split_train not in ("train", "trainval"):
+        raise ValueError(f"split_train must be 'train' or 'trainval', got {split_train!r}")
+    batch_size = batch_size or p.batch_size
+    world = distributed.world_size()
+    if lr is None:
+        lr = p.full_lr if method == "full" and p.full_lr else p.lr
+        lr = lr * batch_size * world / 512 if p.lr_per_512 else lr
+
+    torch.manual_seed(seed)  # new head, LoRA A and PYRA W_r: identical in a resumed process
+    train_data = load_dataset(data, split_train)  # its class count sizes the head; transform below
+    text = r if r is not None else p.schedule
+    model, info = prepare_model(model_name, train_data.num_classes, checkpoint=checkpoint,
+                                pretrained=pretrained, method=method, r=text, rank=rank,
+                                lora_targets=lora_targets, bottleneck=bottleneck,
+                                adapter_scale=adapter_scale, drop_path=p.drop_path)
+
+    squash = p.augment in ("none", "squash")
+    train_data.transform = train_transform(p.augment, model_or_cfg=model)  # the model's size and mean/std
+    val_tf = train_transform("squash", model_or_cfg=model) if squash else eval_transform(model)
+    val_data = load_dataset(data, "val", val_tf) if split_train == "train" else None
+    per_epoch = len(train_data) // (batch_size * world)
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_data)} training images cannot fill one batch of {batch_size} x {world} "
+                         "processes; lower --batch-size")
+    epochs = epochs or p.epochs
+    steps = epochs * per_epoch
+    val_every = val_every or max(1, epochs // 10)
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=p.weight_decay,
+                         warmup_steps=min(steps, p.warmup_epochs * per_epoch), num_workers=num_workers,
+                         checkpoint_every=per_epoch, eval_every=val_every * per_epoch if val_data else 0,
+                         seed=seed, progress=progress)
+    hook = accuracy_hook(val_data, batch_size, num_workers) if val_data is not None else None
+    objective = ClassifyObjective(model, p.label_smoothing)
+    run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
+    start = time.time()
+    result = train(objective, train_data, config, out_dir=run_dir, resume=resume, evaluate=hook,
+                   device=device, stop_after=stop_after)
+    recipe = {
+        "preset": preset, "method": method, "data": str(data), "split_train": split_train,
+        "images": len(train_data), "classes": train_data.num_classes, "new_head": info["new_head"],
+        "schedule_text": text, "epochs": epochs, **{k: getattr(config, k) for k in RECIPE_FIELDS},
+        "augment": p.augment, "label_smoothing": p.label_smoothing, "drop_path": p.drop_path,
+        "world_size": world, "wall_s": round(time.time() - start, 1), "steps_done": result.step,
+        "val_acc": result.evals[-1]["val_acc"] if result.evals else None,
+    }
+    model = merge(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
+    if distributed.rank() == 0 and result.step == steps:
+        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe)
+        save_model(model, out, model_name, info["model_kwargs"], meta)
+    return model, recipe

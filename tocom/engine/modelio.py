@@ -1,0 +1,81 @@
+"""Loading any model tocom wrote: plain timm checkpoints and ``tocom finetune`` outputs.
+
+A fine-tuned checkpoint is safetensors whose metadata says how to rebuild the modules its state
+dict holds (see :func:`finetune_metadata`):
+
+    model_name, model_kwargs, num_classes   as for any checkpoint (tocom.models.loading)
+    method        full | lora | adaptformer | pyra (LoRA is folded in: full and lora are plain)
+    schedule      JSON per-block r the model was trained at
+    source_degree the int r when the schedule is constant, else null (tocom eval's --source)
+    peft          JSON adapter settings (rank, targets, bottleneck, scale)
+    recipe        JSON hyper-parameters, wall time, final validation accuracy
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tocom.models import patch
+from tocom.models.loading import build_model, create_model, read_state_dict
+from tocom.peft import add_adaptformer
+from tocom.pyra import add_pyra
+
+METHODS = ("full", "lora", "adaptformer", "pyra")
+
+
+def finetune_metadata(method: str, schedule: list[int], peft: dict[str, Any], recipe: dict[str, Any]
+                      ) -> dict[str, str]:
+    """The string metadata :func:`load_model` reads back (besides name, kwargs and class count)."""
+    constant = schedule[0] if len(set(schedule)) == 1 else None
+    return {"method": method, "schedule": json.dumps(schedule), "source_degree": json.dumps(constant),
+            "peft": json.dumps(peft), "recipe": json.dumps(recipe)}
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """A checkpoint's string metadata without reading its tensors ({} for ``.pth`` files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def source_degree(meta: dict[str, str]) -> int | None:
+    """The constant r a fine-tuned checkpoint was trained at (None: not recorded or not constant)."""
+    value = json.loads(meta.get("source_degree", "null"))
+    return value if isinstance(value, int) else None
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False) -> nn.Module:
+    """Rebuild and strictly load a plain or ``tocom finetune`` checkpoint.
+
+    Fine-tuned checkpoints come back patched with ToMe at the schedule they were trained at,
+    with their AdaptFormer adapters or PYRA modulators in place; plain ones as the timm model
+    (:func:`tocom.models.loading.create_model`). Change the degree with ``model.r`` as usual;
+    a PYRA model only runs at its own schedule (its modulators have one weight per pair).
+    """
+    if checkpoint is None:
+        return create_model(name, pretrained=pretrained)
+    state, meta = read_state_dict(checkpoint)
+    method = meta.get("method")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"{checkpoint} records method {method!r}, which this tocom does not know "
+                         f"({', '.join(METHODS)}); upgrade tocom")
+    peft = json.loads(meta.get("peft", "{}"))
+
+    def prepare(model: nn.Module) -> None:
+        if "schedule" in meta:
+            patch(model, "tome")
+            model.r = json.loads(meta["schedule"])
+        if method == "adaptformer":
+            add_adaptformer(model, bottleneck=peft["bottleneck"], scale=peft["scale"])
+        elif method == "pyra":
+            add_pyra(model)  # random W_r / zero W_D, overwritten by the strict load below
+
+    return build_model(name, state, meta, checkpoint, prepare=prepare)
