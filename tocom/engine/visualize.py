@@ -28,13 +28,13 @@ def merge_picture(image: torch.Tensor, source: torch.Tensor, grid: tuple[int, in
     pixels = image.permute(1, 2, 0).numpy()
     rows, cols = grid
     patches = pixels[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch, 3).mean((1, 3))
-    out = np.zeros((rows, patch, cols, patch, 3), dtype=np.float32)
+    colours = np.zeros((rows, cols, 3), dtype=np.float32)
     for token in owner.unique().tolist():
         if token < 0:
             continue
         mask = (owner == token).numpy()
-        out[mask] = patches[mask].mean(0)
-    out = out.reshape(rows * patch, cols * patch, 3)
+        colours[mask] = patches[mask].mean(0)
+    out = np.repeat(np.repeat(colours, patch, 0), patch, 1)
     own = np.repeat(np.repeat(owner.numpy(), patch, 0), patch, 1)
     edge = np.zeros_like(own, dtype=bool)
     edge[1:, :] |= own[1:, :] != own[:-1, :]
@@ -45,11 +45,10 @@ def merge_picture(image: torch.Tensor, source: torch.Tensor, grid: tuple[int, in
 
 def visualize(model: torch.nn.Module, image_path: str | Path, out: str | Path) -> Path:
     """Run a model patched with ``trace_source=True`` on one image and save the merge picture."""
-    from timm.data import create_transform, resolve_data_config
+    from tocom.data import data_config, eval_transform
 
-    cfg = resolve_data_config({}, model=model)
-    tf = create_transform(**cfg)
-    x = tf(Image.open(image_path).convert("RGB"))[None]
+    cfg = data_config(model)
+    x = eval_transform(model)(Image.open(image_path).convert("RGB"))[None]
     with torch.inference_mode():
         model(x)
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)

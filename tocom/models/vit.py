@@ -19,8 +19,10 @@ from tocom.compress import (
     Schedule,
     ViTDims,
     clamp_schedule,
+    gflops,
     initial_source,
     resolve_schedule,
+    tokens_per_layer,
 )
 from tocom.models.blocks import METHODS, CompressionConfig, TokenState, block_forward
 
@@ -59,6 +61,21 @@ def dims_of(model: nn.Module) -> ViTDims:
         num_classes=getattr(model, "num_classes", 0),
         attn_dim=blk.attn.num_heads * blk.attn.head_dim,
     )
+
+
+def schedule_report(model: nn.Module, r: Schedule | None = None) -> dict[str, Any]:
+    """Tokens per block and analytic GFLOPs of a timm ViT at schedule ``r`` (default: ``model.r``).
+
+    Returns:
+        ``{"schedule": effective per-block r, "tokens": length after each block,
+        "gflops": per image, "gflops_ratio": vs r = 0}``.
+    """
+    dims = dims_of(model)
+    r = (model.r if is_patched(model) else 0) if r is None else r
+    schedule = clamp_schedule(resolve_schedule(r, dims.depth), dims.num_tokens, dims.num_prefix)
+    full = gflops(dims, [0] * dims.depth)
+    return {"schedule": schedule, "tokens": tokens_per_layer(schedule, dims.num_tokens, dims.num_prefix),
+            "gflops": gflops(dims, schedule), "gflops_ratio": gflops(dims, schedule) / full}
 
 
 class CompressedViTMixin:
