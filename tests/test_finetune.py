@@ -101,7 +101,9 @@ def test_new_head_metadata_and_refused_schedules(task, tmp_path):
     assert json.loads(meta["schedule"]) == [1, 2, 0, 0] and json.loads(meta["source_degree"]) is None
     assert json.loads(meta["peft"]) == {"bottleneck": 32, "scale": 0.1}
     with pytest.raises(ValueError, match="clamped at block 1"):
-        finetune(task, tmp_path, r="8", method="full")
+        finetune(task, tmp_path, r="8", method="pyra")  # PYRA's weights are per pair: never clamp
+    clamped, _ = finetune(task, tmp_path, r="8", method="full", epochs=1)  # ToMe clamps as defined
+    assert clamped.effective_schedule() == [8, 4, 2, 1]
     with pytest.raises(ValueError, match="pass method="):
         finetune(task, tmp_path, method=None)
     plain = load_model("vit_tiny_patch16_224", tiny_checkpoint(tmp_path))

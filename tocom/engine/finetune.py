@@ -138,8 +138,11 @@ def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path |
                   pretrained: bool = False, method: str = "lora", r: str = "0", rank: int = 8,
                   lora_targets: tuple[str, ...] = ("q", "k", "v"), bottleneck: int = 32,
                   adapter_scale: float = 0.1, drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
-    """The model :func:`run_finetune` trains: a ``num_classes`` head, ToMe at schedule ``r`` (text, never
-    clamped), ``method``'s modules, and only what the method trains marked trainable.
+    """The model :func:`run_finetune` trains: a ``num_classes`` head, ToMe at schedule ``r`` (text),
+    ``method``'s modules, and only what the method trains marked trainable.
+
+    Like every ToMe model, a block asked for more than it can merge is clamped (DeiT at r = 16 merges
+    only 10 in its last block); PYRA alone refuses such schedules, since its weights are per pair.
 
     Returns:
         the model and ``{"schedule", "peft", "new_head", "model_kwargs"}`` for the checkpoint metadata.
@@ -148,8 +151,9 @@ def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path |
     model, new_head, model_kwargs = load_for_classes(model_name, checkpoint, pretrained, num_classes, **extra)
     patch(model, "tome")
     dims = dims_of(model)
-    schedule = check_unclamped(resolve_schedule(parse_schedule(r, dims), dims.depth),
-                               dims.num_tokens, dims.num_prefix)
+    schedule = resolve_schedule(parse_schedule(r, dims), dims.depth)
+    if method == "pyra":
+        check_unclamped(schedule, dims.num_tokens, dims.num_prefix)
     model.r = schedule
     peft = add_method(model, method, rank, tuple(lora_targets), bottleneck, adapter_scale)
     return model, {"schedule": schedule, "peft": peft, "new_head": new_head, "model_kwargs": model_kwargs}
@@ -184,7 +188,7 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     """Fine-tune and write ``out``; returns the (folded) model and the recipe recorded in it.
 
     ``r`` is any :func:`tocom.compress.parse_schedule` text (``8``, ``8,8,4``, ``flops=0.5``,
-    ``low``/``high``); a schedule that would be clamped is refused. ``split_train="trainval"``
+    ``low``/``high``); with PYRA a schedule that would be clamped is refused. ``split_train="trainval"``
     trains on train+val (VTAB-1k's final-number protocol) and then skips validation.
     """
     if preset not in PRESETS:
