@@ -216,9 +216,12 @@ class Lab:
 
 
 def write_results(name: str, results: dict, out_dir: str | Path, started: float) -> Path:
-    """``out_dir/NAME.json`` with the wall time of the whole command."""
+    """``out_dir/NAME.json`` (with the wall time of the whole command) and ``NAME.md``."""
+    from tocom.experiments.render import render
+
     out = Path(out_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"experiment": name, "wall_s": round(time.time() - started, 1), **results}
     out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(render(name, results))
     return out

@@ -1,0 +1,72 @@
+"""Markdown tables of experiment results, written next to their JSON files."""
+
+from __future__ import annotations
+
+from tocom.engine.report import format_table
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def render(name: str, results: dict) -> str:
+    """A Markdown summary of one experiment's results (accuracies in %)."""
+    lines = [f"# {name} (budget {results.get('budget')}, {results.get('wall_s')} s)", ""]
+    if name == "mismatch":
+        for task, curves in results["accuracy"].items():
+            targets = sorted({int(t) for points in curves.values() for t in points})
+            rows = [
+                {"model": label, **{f"r={t}": _pct(points.get(str(t), points.get(t))) for t in targets}}
+                for label, points in curves.items()
+            ]
+            lines += [f"## {task}", "", format_table(rows), ""]
+    elif name == "gap":
+        rows = [
+            {
+                "gap from": r["from"],
+                "applied to": r["to"],
+                "M0 at r=16": _pct(r["M0_at_16"]),
+                "M0 + gap at r=16": _pct(r["M0_plus_gap_at_16"]),
+                "change": _signed(r["gain"]),
+            }
+            for r in results["rows"]
+        ]
+        lines += [format_table(rows), ""]
+    elif name == "pyra":
+        rows = [
+            {
+                "method": r["method"],
+                "schedule": r["schedule"],
+                "top-1": _pct(r["accuracy"]),
+                "images/s": f"{r['throughput']:.1f}",
+            }
+            for r in results["rows"]
+        ]
+        lines += [format_table(rows), ""]
+    else:  # gains, ablations, evit: rows of with/without plugin
+        rows = [
+            {
+                **({"variant": r["variant"]} if "variant" in r else {}),
+                "task": r["task"],
+                "source": r["source"],
+                "target": r["target"],
+                "without": _pct(r["without"]),
+                "with ToCom": _pct(r["with"]),
+                "gain": _signed(r["gain"]),
+                "s": r["scale"],
+            }
+            for r in results["rows"]
+        ]
+        lines += [format_table(rows), ""]
+        gains = [r["gain"] for r in results["rows"]]
+        if gains:
+            lines += [
+                f"Mean gain {_signed(sum(gains) / len(gains))} points over {len(gains)} settings; "
+                f"{sum(g > 0 for g in gains)} up, {sum(g < 0 for g in gains)} down.",
+                "",
+            ]
+    return "\n".join(lines)
