@@ -55,6 +55,7 @@ class DemoPlan:
     finetune_epochs: int
     eval_images: int
     real: bool
+    finetune_lr: float | None = None  # None: the preset's
 
 
 def shared_dir() -> Path:
@@ -116,7 +117,7 @@ def plan_demo(out: Path, checkpoint: str | None, quick: bool, progress: bool) ->
         write_vtab(DOWNSTREAM_TASK, downstream, seed=7, image_size=64, n_train=800, n_val=200, n_test=1000)
     return DemoPlan(SMALL_VIT, backbone, images, downstream, max_r=8, targets=(0, 2, 4, 6, 8),
                     distill_steps=30 if quick else 200, finetune_epochs=1 if quick else 8,
-                    eval_images=200 if quick else 1000, real=False)
+                    eval_images=200 if quick else 1000, real=False, finetune_lr=1e-3)
 
 
 def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin_file: str | None = None,
@@ -141,8 +142,8 @@ def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin
     print(f"[demo] fine-tuning on {plan.downstream} at source r = 0 ({plan.finetune_epochs} epochs)")
     finetuned = out / "finetuned_r0.safetensors"
     _, recipe = run_finetune(plan.model_name, plan.downstream, checkpoint=plan.checkpoint, method="full",
-                             r="0", epochs=plan.finetune_epochs, out=finetuned, run_dir=out / "finetune.run",
-                             num_workers=2, progress=progress)
+                             r="0", epochs=plan.finetune_epochs, lr=plan.finetune_lr, out=finetuned,
+                             run_dir=out / "finetune.run", num_workers=2, progress=progress)
 
     print(f"[demo] evaluating at r = {list(plan.targets)} with and without the plugin")
     model = patch(load_model(plan.model_name, finetuned))
