@@ -16,6 +16,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
 
 
+def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
+    """Flags every training command shares (both run on the one engine)."""
+    p.add_argument("--out", default=out)
+    p.add_argument("--run-dir", help="checkpoints and metrics (default: OUT.run)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _load(args: argparse.Namespace):
     from tocom.engine.modelio import load_model
 
@@ -159,13 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="absolute lr (default from the preset)")
-    p.add_argument("--out", default="compensator.tocom.safetensors")
-    p.add_argument("--run-dir", help="checkpoints and metrics (default: OUT.run)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
+    _add_run_args(p, "compensator.tocom.safetensors")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("finetune", help="fine-tune on a labelled dataset under a compression schedule")
@@ -186,12 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-train", choices=["train", "trainval"], default="train",
                    help="trainval: VTAB-1k final runs (no validation); train: validate on val")
     p.add_argument("--val-every", type=int, help="epochs between validations (default: epochs / 10)")
-    p.add_argument("--out", default="finetuned.safetensors")
-    p.add_argument("--run-dir", help="checkpoints and metrics (default: OUT.run)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
+    _add_run_args(p, "finetuned.safetensors")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="top-1 at target degrees, with and without a plugin")

@@ -57,6 +57,11 @@ class TrainConfig:
             raise ValueError("seed and num_workers must be >= 0")
 
 
+def lr_per_512(lr: float, global_batch: int) -> float:
+    """The papers' rule: ``lr`` is given per 512 images and scales linearly with the global batch."""
+    return lr * global_batch / 512
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate for 0-based ``step``: linear warm-up, then cosine to ``min_lr`` at ``steps``."""
     if step < config.warmup_steps:

@@ -11,13 +11,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from tocom.compensator import Compensator, DistillObjective
 from tocom.data import ImageFiles, train_transform
 from tocom.engine import distributed
-from tocom.engine.config import TrainConfig
+from tocom.engine.config import TrainConfig, lr_per_512
 from tocom.engine.trainer import train
 from tocom.models import patch
 from tocom.models.loading import create_model
@@ -79,7 +78,7 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     p = PRESETS[preset]
     batch_size = batch_size or p.batch_size
     if lr is None:
-        lr = p.lr_per_512 * batch_size / 512 if p.lr_per_512 else p.lr
+        lr = lr_per_512(p.lr_per_512, batch_size * distributed.world_size()) if p.lr_per_512 else p.lr
     model = patch(create_model(model_name, checkpoint, pretrained=pretrained).eval(), method)
     groups = groups or max_r
     if max_r > groups:
@@ -109,7 +108,3 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     if distributed.rank() == 0:
         plugin.save(out)
     return plugin, summary
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, Subset
 from tocom.compress import check_unclamped, parse_schedule, resolve_schedule
 from tocom.data import eval_transform, load_dataset, train_transform
 from tocom.engine import distributed
-from tocom.engine.config import TrainConfig
+from tocom.engine.config import TrainConfig, lr_per_512
 from tocom.engine.evaluate import make_loader
 from tocom.engine.modelio import METHODS, finetune_metadata
 from tocom.engine.trainer import Objective, train
@@ -204,7 +204,7 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     world = distributed.world_size()
     if lr is None:
         lr = p.full_lr if method == "full" and p.full_lr else p.lr
-        lr = lr * batch_size * world / 512 if p.lr_per_512 else lr
+        lr = lr_per_512(lr, batch_size * world) if p.lr_per_512 else lr
 
     torch.manual_seed(seed)  # new head, LoRA A and PYRA W_r: identical in a resumed process
     train_data = load_dataset(data, split_train)  # its class count sizes the head; transform below
