@@ -163,7 +163,7 @@ def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin
     accuracy_plot(curves, out / "accuracy.png",
                   title=f"{plan.model_name} fine-tuned at r=0 on {plan.downstream.name}")
     table = [{"target r": r["target"], "plugin": "yes" if r["plugin"] else "no",
-              "top-1 %": round(100 * r["accuracy"], 1), "images/s": round(r["throughput"], 1)} for r in rows]
+              "top-1 %": f"{100 * r['accuracy']:.1f}", "images/s": f"{r['throughput']:.1f}"} for r in rows]
     print(format_table(sorted(table, key=lambda t: (t["target r"], t["plugin"]))))
     print(f"[demo] {len(subset)} test images; plugin {distill_note}; total {report['wall_s']} s; "
           f"wrote {out / 'results.json'} and {out / 'accuracy.png'}")
