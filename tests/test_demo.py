@@ -1,4 +1,4 @@
-"""`tocom demo --quick` end to end on the generated fallback (no ../shared), as a stranger without data runs it."""
+"""`tocom demo --quick` end to end on the generated fallback (no ../shared)."""
 
 import json
 
@@ -17,7 +17,8 @@ def test_quick_demo_writes_table_results_and_plot(tmp_path, no_shared, capsys):
     rows = run_demo(out, quick=True, progress=False)
 
     targets = (0, 2, 4, 6, 8)
-    assert sorted((r["target"], r["plugin"]) for r in rows) == sorted((t, p) for t in targets for p in (False, True))
+    expected = sorted((t, p) for t in targets for p in (False, True))
+    assert sorted((r["target"], r["plugin"]) for r in rows) == expected
     for row in rows:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["throughput"] > 0
     # At the source degree the plugin's delta is zero, so both rows are the same model.
