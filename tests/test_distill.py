@@ -172,3 +172,16 @@ def test_eval_cli_errors(tmp_path):
                            str(ckpt), "--data", str(data), "--plugin", str(tmp_path / "p.tocom.safetensors"),
                            "--target", "3", "--workers", "0"], capture_output=True, text=True)
     assert proc.returncode == 2 and "outside this plugin's range 0..2" in proc.stderr
+
+
+def test_run_distill_same_seed_same_plugin(tmp_path):
+    """The seed fixes the plugin's random init too, not only the data order and degree pairs."""
+    from tocom.engine.distill import run_distill
+
+    ckpt, data = tiny_checkpoint(tmp_path), image_folder(tmp_path)
+    plugins = [run_distill("vit_tiny_patch16_224", data, checkpoint=str(ckpt), max_r=4, steps=2, batch_size=4,
+                           out=tmp_path / f"p{i}.tocom.safetensors", num_workers=0, seed=seed,
+                           progress=False)[0]
+               for i, seed in enumerate((3, 3, 4))]
+    assert torch.equal(plugins[0].A, plugins[1].A) and torch.equal(plugins[0].B, plugins[1].B)
+    assert not torch.equal(plugins[0].A, plugins[2].A)

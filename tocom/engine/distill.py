@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from tocom.compensator import Compensator, DistillObjective
@@ -83,6 +84,7 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     groups = groups or max_r
     if max_r > groups:
         raise ValueError(f"--max-r {max_r} needs at least that many groups, got --groups {groups}")
+    torch.manual_seed(seed)  # A's random init: the same seed must give the same plugin
     plugin = Compensator.init_for(model, groups=groups, rank=rank, scale=scale, method=method,
                                   variant=variant, arch=model_name)
     dataset = LabelledFiles(data, train_transform(p.augment, model_or_cfg=model))
