@@ -150,7 +150,7 @@ def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin
     test = load_dataset(plan.downstream, "test", eval_transform(model))
     step = max(1, len(test) // plan.eval_images)
     subset = Subset(test, range(0, step * plan.eval_images, step)[: len(test)])
-    rows = [r.as_dict() for r in sweep(model, make_loader(subset, 50, 2), plan.targets, 0, plugin,
+    rows = [r.as_dict() for r in sweep(model, make_loader(subset, 50), plan.targets, 0, plugin,
                                        progress=progress)]
     report = {"plan": {k: str(v) for k, v in plan.__dict__.items()}, "distill": distill_note,
               "finetune_val_acc": recipe.get("val_acc"), "eval_images": len(subset),

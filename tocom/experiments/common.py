@@ -171,7 +171,7 @@ class Lab:
             data = Subset(data, range(0, step * self.budget.eval_images, step))
         rows = sweep(
             model,
-            make_loader(data, 50, 2),
+            make_loader(data, 50),
             targets,
             source,
             Compensator.load(plugin) if plugin else None,
