@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, nargs="+", help="plugin scale(s) s to try")
     p.add_argument("--select-scale-on", choices=["val"], help="pick s per target on this split")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0,
+                   help="loader workers (default 0: workers compete with the timed forwards for the CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_eval)
