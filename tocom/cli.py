@@ -27,7 +27,7 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from tocom.engine.modelio import load_model
+    from tocom.finetuned import load_model
 
     # Each command patches and sets r itself (bench also times an unpatched copy), so a fine-tuned
     # model comes back unpatched; its PYRA modulators stay in its blocks for the next patch().
@@ -35,8 +35,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from tocom.engine.bench import bench
-    from tocom.engine.report import format_table, json_lines
+    from tocom.report.bench import bench
+    from tocom.report.tables import format_table, json_lines
 
     model = _load(args)
     dims = dims_of(model)
@@ -47,7 +47,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from tocom.engine.visualize import visualize
+    from tocom.report.visualize import visualize
 
     model = patch(_load(args), args.method, trace_source=True)
     model.r = parse_schedule(args.r, dims_of(model))
@@ -55,7 +55,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from tocom.engine.distill import run_distill
+    from tocom.jobs.distill import run_distill
 
     _, summary = run_distill(
         args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
@@ -63,15 +63,15 @@ def cmd_distill(args: argparse.Namespace) -> None:
         loss=args.loss, preset=args.preset, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, out=args.out, run_dir=args.run_dir, resume=args.resume,
         num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed)
-    from tocom.engine import distributed
+    from tocom.train import distributed
 
     if distributed.rank() == 0:
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from tocom.engine import distributed
-    from tocom.engine.finetune import run_finetune
+    from tocom.jobs.finetune import run_finetune
+    from tocom.train import distributed
 
     _, recipe = run_finetune(
         args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
@@ -87,9 +87,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from tocom.compensator import Compensator
     from tocom.data import eval_transform, load_dataset
-    from tocom.engine.evaluate import make_loader, select_scales, sweep
-    from tocom.engine.modelio import checkpoint_metadata, source_degree
-    from tocom.engine.report import format_table, json_lines
+    from tocom.finetuned import checkpoint_metadata, source_degree
+    from tocom.jobs.evaluate import make_loader, sweep, sweep_at_selected_scales
+    from tocom.report.tables import format_table, json_lines
 
     if args.source is None:  # a tocom finetune output records the degree it was trained at
         meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
@@ -112,11 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.select_scale_on:
         if plugin is None:
             raise ValueError("--select-scale-on needs --plugin")
-        val = rows_for(args.select_scale_on, args.scale, args.target)
-        chosen = select_scales(val)
-        rows = []
-        for target in args.target:
-            rows += [r for r in rows_for(args.split, [chosen[target]], [target])]
+        rows = sweep_at_selected_scales(rows_for, args.scale, args.target, args.select_scale_on, args.split)
     else:
         rows = rows_for(args.split, args.scale, args.target)
     dicts = [r.as_dict() for r in rows]
@@ -124,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tocom.engine.demo import run_demo
+    from tocom.jobs.demo import run_demo
 
     run_demo(args.out, checkpoint=args.checkpoint, plugin_file=args.plugin, quick=args.quick)
 
@@ -137,8 +133,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tocom.engine.finetune import PRESETS
-    from tocom.engine.modelio import METHODS as FINETUNE_METHODS
+    from tocom.finetuned import FINETUNE_METHODS
+    from tocom.jobs.finetune import PRESETS
 
     parser = argparse.ArgumentParser(prog="tocom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

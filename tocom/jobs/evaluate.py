@@ -7,7 +7,7 @@ is loaded. A configuration is a target degree and a plugin scale (None: no plugi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from tocom.compensator import attach, attachment, set_degree
 from tocom.compress import Schedule
-from tocom.engine.bench import sync_device
+from tocom.report.bench import sync_device
 
 
 @dataclass
@@ -106,3 +106,16 @@ def select_scales(val_rows: Sequence[EvalRow]) -> dict[int, float]:
         if cur is None or (row.accuracy, -row.scale) > (cur.accuracy, -cur.scale):
             best[row.target] = row
     return {t: row.scale for t, row in best.items()}
+
+
+def sweep_at_selected_scales(run: Callable[[str, Sequence[float], Sequence[Schedule]], list[EvalRow]],
+                             scales: Sequence[float], targets: Sequence[Schedule], select_on: str = "val",
+                             split: str = "test") -> list[EvalRow]:
+    """Pick each target's plugin scale on ``select_on``, then evaluate ``split`` at that scale alone.
+
+    ``run(split, scales, targets)`` returns :func:`sweep` rows (with and without the plugin), so the
+    caller decides how the model and data are loaded (and cached). The result holds, per target, the
+    no-plugin row and the row at the chosen scale.
+    """
+    chosen = select_scales(run(select_on, scales, targets))
+    return [row for target in targets for row in run(split, [chosen[target]], [target])]

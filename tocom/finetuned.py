@@ -24,7 +24,7 @@ from tocom.models.loading import build_model, create_model, read_state_dict
 from tocom.peft import add_adaptformer
 from tocom.pyra import add_pyra
 
-METHODS = ("full", "lora", "adaptformer", "pyra")
+FINETUNE_METHODS = ("full", "lora", "adaptformer", "pyra")
 
 
 def finetune_metadata(method: str, schedule: list[int], peft: dict[str, Any], recipe: dict[str, Any]
@@ -64,9 +64,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         return create_model(name, pretrained=pretrained)
     state, meta = read_state_dict(checkpoint)
     method = meta.get("method")
-    if method is not None and method not in METHODS:
+    if method is not None and method not in FINETUNE_METHODS:
         raise ValueError(f"{checkpoint} records method {method!r}, which this tocom does not know "
-                         f"({', '.join(METHODS)}); upgrade tocom")
+                         f"({', '.join(FINETUNE_METHODS)}); upgrade tocom")
     peft = json.loads(meta.get("peft", "{}"))
 
     def prepare(model: nn.Module) -> None:

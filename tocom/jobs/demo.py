@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +21,17 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from tocom.compensator import Compensator
-from tocom.data import eval_transform, load_dataset, make_task, train_transform, write_vtab
-from tocom.engine.config import TrainConfig
-from tocom.engine.distill import run_distill
-from tocom.engine.evaluate import make_loader, sweep
-from tocom.engine.finetune import ClassifyObjective, run_finetune
-from tocom.engine.modelio import load_model
-from tocom.engine.plots import accuracy_plot
-from tocom.engine.report import format_table
-from tocom.engine.trainer import train
+from tocom.data import eval_transform, load_dataset, make_task, shared_dir, train_transform, write_vtab
+from tocom.finetuned import load_model
+from tocom.jobs.distill import run_distill
+from tocom.jobs.evaluate import make_loader, sweep
+from tocom.jobs.finetune import ClassifyObjective, run_finetune
 from tocom.models import patch
 from tocom.models.loading import save_model
+from tocom.report.plots import accuracy_plot
+from tocom.report.tables import format_table
+from tocom.train.config import TrainConfig
+from tocom.train.trainer import train
 
 DEIT = "deit_tiny_patch16_224"
 SMALL_VIT = "vit_tiny_patch16_224"
@@ -56,11 +55,6 @@ class DemoPlan:
     eval_images: int
     real: bool
     finetune_lr: float | None = None  # None: the preset's
-
-
-def shared_dir() -> Path:
-    """``$TOCOM_SHARED``, else ``../shared`` beside the current directory (the repo layout)."""
-    return Path(os.environ.get("TOCOM_SHARED", Path.cwd().parent / "shared")).resolve()
 
 
 class _OffsetLabels(Dataset):

@@ -2,9 +2,9 @@
 
 Methods: ``full`` (every weight), ``lora`` (rank-h LoRA on q, k, v or q, v of the fused qkv),
 ``adaptformer`` (bottleneck adapters parallel to each MLP) and ``pyra`` (LoRA plus PYRA token
-modulation). The loop is :func:`tocom.engine.trainer.train` with a :class:`ClassifyObjective`; the
+modulation). The loop is :func:`tocom.train.trainer.train` with a :class:`ClassifyObjective`; the
 result is one safetensors file with LoRA folded in (AdaptFormer adapters and PYRA modulators
-stay: they run at inference) that :func:`tocom.engine.modelio.load_model` rebuilds.
+stay: they run at inference) that :func:`tocom.finetuned.load_model` rebuilds.
 
 Presets (``PRESETS``): ToCom's downstream recipes (DeiT-style: AdamW, cosine, label smoothing 0.1,
 RandAugment + random erasing, lr scaled per 512 images of global batch; their mixup/cutmix,
@@ -27,11 +27,8 @@ from torch.utils.data import Dataset, Subset
 
 from tocom.compress import check_unclamped, parse_schedule, resolve_schedule
 from tocom.data import eval_transform, load_dataset, train_transform
-from tocom.engine import distributed
-from tocom.engine.config import TrainConfig, lr_per_512
-from tocom.engine.evaluate import make_loader
-from tocom.engine.modelio import METHODS, finetune_metadata
-from tocom.engine.trainer import Objective, train
+from tocom.finetuned import FINETUNE_METHODS, finetune_metadata
+from tocom.jobs.evaluate import make_loader
 from tocom.models import dims_of, patch
 from tocom.models.loading import (
     build_model,
@@ -42,6 +39,9 @@ from tocom.models.loading import (
 )
 from tocom.peft import add_adaptformer, add_lora, mark_trainable, merge
 from tocom.pyra import PARAM_PATTERN, add_pyra
+from tocom.train import distributed
+from tocom.train.config import TrainConfig, lr_per_512
+from tocom.train.trainer import Objective, train
 
 HEAD_KEYS = ("head.", "head_dist.")  # DeiT distilled models have a second head
 RECIPE_FIELDS = ("steps", "lr", "batch_size", "weight_decay", "warmup_steps", "seed")  # of TrainConfig
@@ -126,7 +126,7 @@ def add_method(model: nn.Module, method: str, rank: int = 8, targets: tuple[str,
         mark_trainable(add_adaptformer(model, bottleneck=bottleneck, scale=scale), "adaptformer")
         return {"bottleneck": bottleneck, "scale": scale}
     if method not in ("lora", "pyra"):
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose one of {FINETUNE_METHODS}")
     add_lora(model, rank=rank, targets=targets)
     if method == "pyra":
         add_pyra(model)
@@ -195,9 +195,10 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     method = method or p.method
-    if method not in METHODS:
-        raise ValueError(f"preset {preset!r} serves any method: pass method= one of {METHODS}"
-                         if method is None else f"unknown method {method!r}; choose one of {METHODS}")
+    if method not in FINETUNE_METHODS:
+        choose = f"one of {FINETUNE_METHODS}"
+        raise ValueError(f"preset {preset!r} serves any method: pass method= {choose}"
+                         if method is None else f"unknown method {method!r}; choose {choose}")
     if split_train not in ("train", "trainval"):
         raise ValueError(f"split_train must be 'train' or 'trainval', got {split_train!r}")
     batch_size = batch_size or p.batch_size
