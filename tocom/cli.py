@@ -86,8 +86,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from tocom.compensator import Compensator
-    from tocom.data import eval_transform, load_dataset
-    from tocom.finetuned import checkpoint_metadata, source_degree
+    from tocom.data import load_dataset
+    from tocom.finetuned import checkpoint_metadata, eval_transform_for, source_degree
     from tocom.jobs.evaluate import make_loader, sweep, sweep_at_selected_scales
     from tocom.report.tables import format_table, json_lines
 
@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     plugin = Compensator.load(args.plugin) if args.plugin else None
     for degree in [args.source, *args.target] if plugin is not None else []:
         plugin.check_degree(degree)  # fail before any image is decoded
-    tf = eval_transform(model)
+    tf = eval_transform_for(args.checkpoint, model, args.resize)
     head = getattr(model, "num_classes", 0)
 
     def rows_for(split, scales, targets):
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="VTAB-1k task folder or ImageFolder splits")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])
+    p.add_argument("--resize", choices=["crop", "squash"],
+                   help="override the preprocessing the checkpoint records (default: the recorded one)")
     p.add_argument("--method", choices=["tome", "evit"], default="tome")
     p.add_argument("--source", type=int,
                    help="degree the checkpoint was fine-tuned at (default: its metadata, else 0)")

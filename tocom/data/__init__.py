@@ -13,7 +13,13 @@ from torch.utils.data import Dataset
 from .folder import FOLDER_SPLITS, SPLIT_DIRS, ImageFiles, ImageFolderSplit, folder_splits
 from .generated import TASKS, GeneratedTask, make_task, write_vtab
 from .shared import shared_dir
-from .transforms import data_config, eval_transform, train_transform
+from .transforms import (
+    data_config,
+    eval_transform,
+    preprocessing_record,
+    train_transform,
+    transform_from_record,
+)
 from .vtab import LIST_FILES, VTAB_SPLITS, VTAB1k, vtab_splits
 
 SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
@@ -72,7 +78,9 @@ __all__ = [
     "load_dataset",
     "shared_dir",
     "make_task",
+    "preprocessing_record",
     "train_transform",
+    "transform_from_record",
     "vtab_splits",
     "write_vtab",
 ]

@@ -15,8 +15,8 @@ from pathlib import Path
 from torch.utils.data import Subset
 
 from tocom.compensator import Compensator
-from tocom.data import eval_transform, load_dataset, shared_dir, write_vtab
-from tocom.finetuned import load_model
+from tocom.data import load_dataset, shared_dir, write_vtab
+from tocom.finetuned import eval_transform_for, load_model
 from tocom.jobs.distill import run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, sweep, sweep_at_selected_scales
 from tocom.jobs.finetune import run_finetune
@@ -164,7 +164,7 @@ class Lab:
         model = patch(load_model(MODEL, model_file), method)
         if weights is not None:
             model.load_state_dict(weights[1])  # weights[0] names them in the cache key
-        data = load_dataset(self.task_dir(task), split, eval_transform(model))
+        data = load_dataset(self.task_dir(task), split, eval_transform_for(model_file, model))
         if split == "test" and len(data) > self.budget.eval_images:
             step = len(data) // self.budget.eval_images
             data = Subset(data, range(0, step * self.budget.eval_images, step))

@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from tocom.compensator import Compensator
-from tocom.data import eval_transform, load_dataset, make_task, shared_dir, train_transform, write_vtab
-from tocom.finetuned import load_model
+from tocom.data import load_dataset, make_task, shared_dir, train_transform, write_vtab
+from tocom.finetuned import eval_transform_for, load_model
 from tocom.jobs.distill import run_distill
 from tocom.jobs.evaluate import make_loader, sweep
 from tocom.jobs.finetune import ClassifyObjective, run_finetune
@@ -141,7 +141,7 @@ def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin
 
     print(f"[demo] evaluating at r = {list(plan.targets)} with and without the plugin")
     model = patch(load_model(plan.model_name, finetuned))
-    test = load_dataset(plan.downstream, "test", eval_transform(model))
+    test = load_dataset(plan.downstream, "test", eval_transform_for(finetuned, model))
     step = max(1, len(test) // plan.eval_images)
     subset = Subset(test, range(0, step * plan.eval_images, step)[: len(test)])
     rows = [r.as_dict() for r in sweep(model, make_loader(subset, 50), plan.targets, 0, plugin,

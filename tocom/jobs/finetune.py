@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from tocom.compress import check_unclamped, parse_schedule, resolve_schedule
-from tocom.data import eval_transform, load_dataset, train_transform
+from tocom.data import load_dataset, preprocessing_record, train_transform, transform_from_record
 from tocom.finetuned import FINETUNE_METHODS, finetune_metadata
 from tocom.jobs.evaluate import make_loader
 from tocom.models import dims_of, patch
@@ -215,10 +215,11 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
                                 lora_targets=lora_targets, bottleneck=bottleneck,
                                 adapter_scale=adapter_scale, drop_path=p.drop_path)
 
-    squash = p.augment in ("none", "squash")
     train_data.transform = train_transform(p.augment, model_or_cfg=model)  # the model's size and mean/std
-    val_tf = train_transform("squash", model_or_cfg=model) if squash else eval_transform(model)
-    val_data = load_dataset(data, "val", val_tf) if split_train == "train" else None
+    # Recorded in the checkpoint, so every later evaluation sees what validation saw.
+    preprocessing = preprocessing_record("squash" if p.augment in ("none", "squash") else "crop", model)
+    val_data = (load_dataset(data, "val", transform_from_record(preprocessing)) if split_train == "train"
+                else None)
     per_epoch = len(train_data) // (batch_size * world)
     if per_epoch == 0:
         raise ValueError(f"{len(train_data)} training images cannot fill one batch of {batch_size} x {world} "
@@ -246,6 +247,6 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     }
     model = merge(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
     if distributed.rank() == 0 and result.step == steps:
-        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe)
+        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing)
         save_model(model, out, model_name, info["model_kwargs"], meta)
     return model, recipe
