@@ -125,3 +125,19 @@ def test_cli_finetune_then_eval(method, task, tmp_path, capsys):
         main(["bench", "vit_tiny_patch16_224", "--checkpoint", str(out), "--r", "2", "--rounds", "1",
               "--batch-size", "2", "--json"])
         assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_finetune_under_evit_records_it_and_loads_pruning(task, tmp_path, capsys):
+    out = tmp_path / "evit.safetensors"
+    main(["finetune", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--data",
+          str(task), "--method", "adaptformer", "--compression", "evit", "--r", "2", "--epochs", "1",
+          "--batch-size", "4", "--workers", "0", "--out", str(out)])
+    assert checkpoint_metadata(out)["compression"] == "evit"
+    model = load_model("vit_tiny_patch16_224", out)
+    assert model._tocom.method == "evit"
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert model.last_state.tokens[-1] == 17 - 2 * len(model.blocks)  # pruned r = 2 per block
+    with pytest.raises(ValueError, match="PYRA modulates token merging"):
+        run_finetune("vit_tiny_patch16_224", task, checkpoint=tiny_checkpoint(tmp_path), method="pyra",
+                     compression="evit", out=tmp_path / "no.safetensors", num_workers=0, progress=False)

@@ -79,9 +79,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         rank=args.rank, lora_targets=tuple(args.lora_targets), bottleneck=args.bottleneck,  # "qv" -> q, v
         adapter_scale=args.adapter_scale, split_train=args.split_train, val_every=args.val_every,
         out=args.out, run_dir=args.run_dir, resume=args.resume, num_workers=args.workers,
-        device=args.device, seed=args.seed)
+        device=args.device, seed=args.seed, compression=args.compression)
     if distributed.rank() == 0:
-        print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+        print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "curve"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -91,10 +91,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tocom.jobs.evaluate import make_loader, sweep, sweep_at_selected_scales
     from tocom.report.tables import format_table, json_lines
 
+    meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
     if args.source is None:  # a tocom finetune output records the degree it was trained at
-        meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
         args.source = source_degree(meta) or 0
-    model = patch(_load(args), args.method)
+    model = patch(_load(args), args.method or meta.get("compression", "tome"))
     plugin = Compensator.load(args.plugin) if args.plugin else None
     for degree in [args.source, *args.target] if plugin is not None else []:
         plugin.check_degree(degree)  # fail before any image is decoded
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-train", choices=["train", "trainval"], default="train",
                    help="trainval: VTAB-1k final runs (no validation); train: validate on val")
     p.add_argument("--val-every", type=int, help="epochs between validations (default: epochs / 10)")
+    p.add_argument("--compression", choices=["tome", "evit"], default="tome",
+                   help="reduce tokens by merging (tome) or pruning (evit) while fine-tuning")
     _add_run_args(p, "finetuned.safetensors")
     p.set_defaults(func=cmd_finetune)
 
@@ -196,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])
     p.add_argument("--resize", choices=["crop", "squash"],
                    help="override the preprocessing the checkpoint records (default: the recorded one)")
-    p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--method", choices=["tome", "evit"],
+                   help="compression (default: what the checkpoint was fine-tuned with, else tome)")
     p.add_argument("--source", type=int,
                    help="degree the checkpoint was fine-tuned at (default: its metadata, else 0)")
     p.add_argument("--target", type=int, nargs="+", default=[0, 4, 8, 12, 16])

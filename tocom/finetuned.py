@@ -6,6 +6,7 @@ dict holds (see :func:`finetune_metadata`):
     model_name, model_kwargs, num_classes   as for any checkpoint (tocom.models.loading)
     method        full | lora | adaptformer | pyra (LoRA is folded in: full and lora are plain)
     schedule      JSON per-block r the model was trained at
+    compression   tome | evit, how tokens were reduced during fine-tuning (absent: tome)
     source_degree the int r when the schedule is constant, else null (tocom eval's --source)
     peft          JSON adapter settings (rank, targets, bottleneck, scale)
     recipe        JSON hyper-parameters, wall time, final validation accuracy
@@ -34,12 +35,12 @@ FINETUNE_METHODS = ("full", "lora", "adaptformer", "pyra")
 
 
 def finetune_metadata(method: str, schedule: list[int], peft: dict[str, Any], recipe: dict[str, Any],
-                      preprocessing: dict[str, Any]) -> dict[str, str]:
+                      preprocessing: dict[str, Any], compression: str = "tome") -> dict[str, str]:
     """The string metadata :func:`load_model` reads back (besides name, kwargs and class count)."""
     constant = schedule[0] if len(set(schedule)) == 1 else None
     return {"method": method, "schedule": json.dumps(schedule), "source_degree": json.dumps(constant),
             "peft": json.dumps(peft), "recipe": json.dumps(recipe),
-            "preprocessing": json.dumps(preprocessing)}
+            "preprocessing": json.dumps(preprocessing), "compression": compression}
 
 
 def checkpoint_metadata(path: str | Path) -> dict[str, str]:
@@ -78,7 +79,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
 
     def prepare(model: nn.Module) -> None:
         if "schedule" in meta:
-            patch(model, "tome")
+            patch(model, meta.get("compression", "tome"))
             model.r = json.loads(meta["schedule"])
         if method == "adaptformer":
             add_adaptformer(model, bottleneck=peft["bottleneck"], scale=peft["scale"])

@@ -137,9 +137,11 @@ def add_method(model: nn.Module, method: str, rank: int = 8, targets: tuple[str,
 def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path | None = None,
                   pretrained: bool = False, method: str = "lora", r: str = "0", rank: int = 8,
                   lora_targets: tuple[str, ...] = ("q", "k", "v"), bottleneck: int = 32,
-                  adapter_scale: float = 0.1, drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
-    """The model :func:`run_finetune` trains: a ``num_classes`` head, ToMe at schedule ``r`` (text),
-    ``method``'s modules, and only what the method trains marked trainable.
+                  adapter_scale: float = 0.1, drop_path: float = 0.0, compression: str = "tome"
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """The model :func:`run_finetune` trains: a ``num_classes`` head, ``compression`` (ToMe merging or
+    EViT pruning) at schedule ``r`` (text), ``method``'s modules, and only what the method trains
+    marked trainable.
 
     Like every ToMe model, a block asked for more than it can merge is clamped (DeiT at r = 16 merges
     only 10 in its last block); PYRA alone refuses such schedules, since its weights are per pair.
@@ -149,7 +151,9 @@ def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path |
     """
     extra = {"drop_path_rate": drop_path} if drop_path else {}
     model, new_head, model_kwargs = load_for_classes(model_name, checkpoint, pretrained, num_classes, **extra)
-    patch(model, "tome")
+    if method == "pyra" and compression != "tome":
+        raise ValueError("PYRA modulates token merging; fine-tune it with compression='tome'")
+    patch(model, compression)
     dims = dims_of(model)
     schedule = resolve_schedule(parse_schedule(r, dims), dims.depth)
     if method == "pyra":
@@ -184,7 +188,8 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
                  val_every: int | None = None, out: str | Path = "finetuned.safetensors",
                  run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
                  device: str | None = None, seed: int = 0, progress: bool = True,
-                 stop_after: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                 stop_after: int | None = None, compression: str = "tome"
+                 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune and write ``out``; returns the (folded) model and the recipe recorded in it.
 
     ``r`` is any :func:`tocom.compress.parse_schedule` text (``8``, ``8,8,4``, ``flops=0.5``,
@@ -213,7 +218,7 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     model, info = prepare_model(model_name, train_data.num_classes, checkpoint=checkpoint,
                                 pretrained=pretrained, method=method, r=text, rank=rank,
                                 lora_targets=lora_targets, bottleneck=bottleneck,
-                                adapter_scale=adapter_scale, drop_path=p.drop_path)
+                                adapter_scale=adapter_scale, drop_path=p.drop_path, compression=compression)
 
     train_data.transform = train_transform(p.augment, model_or_cfg=model)  # the model's size and mean/std
     # Recorded in the checkpoint, so every later evaluation sees what validation saw.
@@ -244,9 +249,10 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         "augment": p.augment, "label_smoothing": p.label_smoothing, "drop_path": p.drop_path,
         "world_size": world, "wall_s": round(time.time() - start, 1), "steps_done": result.step,
         "val_acc": result.evals[-1]["val_acc"] if result.evals else None,
+        "curve": [[e["step"], e["val_acc"]] for e in result.evals],  # this process's validations
     }
     model = merge(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
     if distributed.rank() == 0 and result.step == steps:
-        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing)
+        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing, compression)
         save_model(model, out, model_name, info["model_kwargs"], meta)
     return model, recipe
