@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_vit
 from PIL import Image
@@ -185,3 +186,27 @@ def test_run_distill_same_seed_same_plugin(tmp_path):
                for i, seed in enumerate((3, 3, 4))]
     assert torch.equal(plugins[0].A, plugins[1].A) and torch.equal(plugins[0].B, plugins[1].B)
     assert not torch.equal(plugins[0].A, plugins[2].A)
+
+
+def test_holdout_curve_starts_at_the_loss_of_compression_alone(tmp_path):
+    from tocom.data import eval_transform
+    from tocom.jobs.distill import LabelledFiles, run_distill
+    from tocom.models.loading import create_model
+
+    ckpt, images = tiny_checkpoint(tmp_path), image_folder(tmp_path, n=6)
+    _, summary = run_distill("vit_tiny_patch16_224", images, checkpoint=str(ckpt), max_r=4, steps=4,
+                             batch_size=4, out=tmp_path / "p.tocom.safetensors", num_workers=0,
+                             progress=False, holdout=images, holdout_pairs=((0, 4),), eval_every=2)
+    curve = summary["holdout_curve"]
+    assert [point["step"] for point in curve] == [0, 2, 4]
+    model = tocom.patch(create_model("vit_tiny_patch16_224", str(ckpt)).eval())  # no plugin at all
+    held = LabelledFiles(images, eval_transform(model))
+    x = torch.stack([held[i][0] for i in range(len(held))])
+    with torch.no_grad():
+        model.r = 0
+        teacher = model(x).log_softmax(-1)
+        model.r = 4
+        student = model(x).log_softmax(-1)
+    kl = torch.nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True).item()
+    assert curve[0]["loss_0_to_4"] == pytest.approx(kl, rel=1e-4)
+    assert curve[-1]["loss_0_to_4"] != curve[0]["loss_0_to_4"]  # the trained plugin changed it

@@ -54,8 +54,14 @@ class DistillObjective(nn.Module):
         return self
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        images, labels = batch[0], batch[1]
         src, tgt = sample_pair(self.max_r)
+        return self.pair_loss(batch[0], batch[1], src, tgt), {"src": float(src), "tgt": float(tgt)}
+
+    def pair_loss(self, images: torch.Tensor, labels: torch.Tensor, src: int, tgt: int) -> torch.Tensor:
+        """The loss of the student at ``tgt`` (plus delta(src -> tgt)) against the teacher at ``src``.
+
+        ``images``: ``(B, 3, H, W)``; ``labels``: ``(B,)`` (used by the ``ce`` loss only).
+        """
         set_pair(self.plugin, src, src)
         self.model.r = src
         with torch.no_grad():
@@ -71,7 +77,7 @@ class DistillObjective(nn.Module):
         else:
             loss = F.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1),
                             reduction="batchmean", log_target=True)
-        return loss, {"src": float(src), "tgt": float(tgt)}
+        return loss
 
     def release(self) -> nn.Module:
         """The backbone without live wrappers (the plugin keeps its trained weights)."""

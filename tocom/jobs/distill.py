@@ -8,14 +8,17 @@ a few thousand images on a CPU (light augmentation, batch 32, lr 1e-3, a few hun
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from tocom.compensator import Compensator, DistillObjective
-from tocom.data import ImageFiles, train_transform
+from tocom.data import ImageFiles, eval_transform, train_transform
+from tocom.jobs.evaluate import make_loader
 from tocom.models import patch
 from tocom.models.loading import create_model
 from tocom.train import distributed
@@ -72,8 +75,16 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
                 lr: float | None = None, out: str | Path = "compensator.tocom.safetensors",
                 run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
                 checkpoint_every: int = 50, device: str | None = None, seed: int = 0,
-                progress: bool = True) -> tuple[Compensator, dict]:
-    """Distil a plugin and write it to ``out``; returns it and a summary of the run."""
+                progress: bool = True, holdout: str | Path | None = None,
+                holdout_pairs: Sequence[tuple[int, int]] = ((0, 16), (16, 0), (0, 8), (8, 16)),
+                eval_every: int = 0) -> tuple[Compensator, dict]:
+    """Distil a plugin and write it to ``out``; returns it and a summary of the run.
+
+    With ``holdout`` (a folder of images not in ``data``), the distillation loss of each
+    ``holdout_pairs`` (src, tgt) is measured on it before training (the plugin's delta is zero
+    then: the loss of compression alone), every ``eval_every`` steps and at the end; the summary's
+    ``holdout_curve`` lists them.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -92,11 +103,21 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
         steps = max(1, (epochs or p.epochs) * (len(dataset) // (batch_size * distributed.world_size())))
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=p.weight_decay,
                          num_workers=num_workers, checkpoint_every=checkpoint_every, seed=seed,
-                         progress=progress)
+                         progress=progress, eval_every=eval_every if holdout is not None else 0)
     objective = DistillObjective(model, plugin, max_r=max_r, loss=loss)
     run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
+    hook = None
+    if holdout is not None:
+        for pair in holdout_pairs:
+            plugin.check_degree(max(pair))
+        held = LabelledFiles(holdout, eval_transform(model))
+        hook = holdout_hook(held, holdout_pairs, batch_size)
     start = time.time()
-    result = train(objective, dataset, config, out_dir=run_dir, resume=resume, device=device)
+    curve = []
+    if hook is not None and not resume:
+        curve.append({"step": 0, **_at_device(hook, objective, device)})
+    result = train(objective, dataset, config, out_dir=run_dir, resume=resume, device=device, evaluate=hook)
+    curve += result.evals
     objective.release()
     summary = {
         "model": model_name, "data": str(data), "images": len(dataset), "preset": preset, "steps": steps,
@@ -105,8 +126,36 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "world_size": distributed.world_size(),
     }
+    if curve:
+        summary["holdout_curve"] = curve
     plugin.spec.recipe.update(summary)
     plugin = plugin.cpu()
     if distributed.rank() == 0:
         plugin.save(out)
     return plugin, summary
+
+
+def holdout_hook(data: Dataset, pairs: Sequence[tuple[int, int]], batch_size: int):
+    """An ``evaluate(objective, step)`` for :func:`train`: the mean loss of each pair on ``data``."""
+    loader = make_loader(data, batch_size)
+
+    @torch.no_grad()
+    def evaluate(objective: nn.Module, step: int) -> dict[str, float]:
+        device = next(objective.parameters()).device
+        scores = {}
+        for src, tgt in pairs:
+            total = seen = 0.0
+            for images, labels in loader:
+                loss = objective.pair_loss(images.to(device), labels.to(device), src, tgt)
+                total += float(loss) * len(images)
+                seen += len(images)
+            scores[f"loss_{src}_to_{tgt}"] = total / seen
+        return scores
+
+    return evaluate
+
+
+def _at_device(hook, objective: nn.Module, device: str | None) -> dict[str, float]:
+    """The hook's scores before training, on the device training will use."""
+    objective.to(torch.device(device) if device else distributed.default_device()).eval()
+    return hook(objective, 0)
