@@ -1,0 +1,1 @@
+"""Presentation: tables, plots, merge pictures and throughput benchmarks of compressed models."""
