@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tome_original  # noqa: E402
 
-from tocom.engine.bench import bench  # noqa: E402
-from tocom.engine.report import format_table  # noqa: E402
 from tocom.models.loading import create_model  # noqa: E402
+from tocom.report.bench import bench  # noqa: E402
+from tocom.report.tables import format_table  # noqa: E402
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import argparse
 import torch
 
 import tocom
-from tocom.engine.bench import time_interleaved
 from tocom.models.loading import create_model
+from tocom.report.bench import time_interleaved
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from tocom.compensator import Compensator, DistillObjective, sample_pair
-from tocom.engine.bench import time_interleaved
 from tocom.models import patch
 from tocom.models.loading import create_model
+from tocom.report.bench import time_interleaved
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import tocom
-from tocom.data import eval_transform, load_dataset
+from tocom.data import load_dataset
+from tocom.finetuned import eval_transform_for
 from tocom.models.loading import create_model
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2])
     args = p.parse_args()
     model = tocom.patch(create_model(args.model, args.checkpoint).eval())
-    data = load_dataset(args.data, "test", eval_transform(model))
+    data = load_dataset(args.data, "test", eval_transform_for(args.checkpoint, model))
     x = torch.stack([data[i][0] for i in range(0, len(data), args.every)])
     plugin = tocom.Compensator.load(args.plugin)
     print(f"{len(x)} held-out images from {args.data}; reference: {args.model} at r = 0")

@@ -17,8 +17,8 @@ import torch
 
 import tocom
 from tocom.compress import gflops, parse_schedule
-from tocom.engine.bench import time_interleaved
 from tocom.pyra import PyraModulator, add_pyra, pyra_flops
+from tocom.report.bench import time_interleaved
 
 
 def main() -> None:

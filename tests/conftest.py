@@ -9,12 +9,15 @@ import pytest
 import timm
 import torch
 
+from tocom.data import shared_dir
+
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning
 # makes them 30x slower; subprocesses inherit the same setting through OMP_NUM_THREADS.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED = Path(os.environ.get("TOCOM_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+# The tests run from the repo root (as CI does), so the library's own lookup finds ../shared.
+SHARED = shared_dir()
 
 
 def tiny_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:

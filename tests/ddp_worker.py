@@ -1,4 +1,4 @@
-"""Worker for ``test_engine.py::test_torchrun_two_processes``; run under ``torchrun --nproc_per_node 2``.
+"""Worker for ``test_train.py::test_torchrun_two_processes``; run under ``torchrun --nproc_per_node 2``.
 
 Trains the toy objective uninterrupted (``OUT/a``) and interrupted + resumed (``OUT/b``) on CPU with
 gloo, then each rank saves its final parameters and the sample indices it saw to ``OUT/rank<r>.pt``.
@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 if __name__ == "__main__":
-    from test_engine import ToyData, make, trainables  # this script's directory is on sys.path
+    from test_train import ToyData, make, trainables  # this script's directory is on sys.path
 
-    from tocom.engine import TrainConfig, distributed, train
+    from tocom.train import TrainConfig, distributed, train
 
     out = Path(sys.argv[1])
     torch.set_num_threads(1)

@@ -10,14 +10,11 @@ import pytest
 from PIL import Image
 
 from tocom.data import (
-    TASK_GROUPS,
     ImageFiles,
     ImageFolderSplit,
     VTAB1k,
-    canonical_task,
     detect_format,
     load_dataset,
-    task_group,
 )
 
 SHARED = Path(os.environ.get("TOCOM_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
@@ -82,41 +79,3 @@ def test_unrecognised_folder_says_what_was_expected(tmp_path):
         load_dataset(tmp_path, "train")
     with pytest.raises(FileNotFoundError, match="not found"):
         detect_format(tmp_path / "missing")
-
-
-def test_task_groups_table():
-    assert len(TASK_GROUPS) == 19
-    groups = list(TASK_GROUPS.values())
-    assert (groups.count("Natural"), groups.count("Specialized"), groups.count("Structured")) == (7, 4, 8)
-    assert task_group("eurosat") == "Specialized" and task_group("dmlab") == "Structured"
-
-
-@pytest.mark.parametrize(
-    ("name", "task"),
-    [
-        ("cifar100", "cifar"),
-        ("CIFAR-100", "cifar"),
-        ("vtab-1k/cifar/", "cifar"),
-        ("flowers102", "oxford_flowers102"),
-        ("oxford_flowers102", "oxford_flowers102"),
-        ("Pets", "oxford_iiit_pet"),
-        ("dsprites_location", "dsprites_loc"),
-        ("dSpr-Ori", "dsprites_ori"),
-        ("smallnorb_azimuth", "smallnorb_azi"),
-        ("sNORB-Elev", "smallnorb_ele"),
-        ("clevr_count_all", "clevr_count"),
-        ("Clevr-Dist", "clevr_dist"),
-        ("KITTI-Dist", "kitti"),
-        ("Retinopathy", "diabetic_retinopathy"),
-        ("Camelyon", "patch_camelyon"),
-        ("svhn_cropped", "svhn"),
-    ],
-)
-def test_task_name_variants(name, task):
-    assert canonical_task(name) == task
-    assert task_group(name) == TASK_GROUPS[task]
-
-
-def test_unknown_task_name():
-    with pytest.raises(ValueError, match="'cifar10' is not a VTAB-1k task"):
-        task_group("cifar10")  # VTAB's cifar is CIFAR-100; do not silently alias the 10-class set

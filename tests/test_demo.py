@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tocom.engine.demo import run_demo
+from tocom.jobs.demo import run_demo
 
 
 @pytest.fixture

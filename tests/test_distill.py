@@ -17,8 +17,8 @@ from torch.utils.data import TensorDataset
 import tocom
 from tocom.compensator import Compensator, DistillObjective, set_pair
 from tocom.data import write_vtab
-from tocom.engine import TrainConfig, train
 from tocom.models.loading import save_model
+from tocom.train import TrainConfig, train
 
 TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=4)
 
@@ -176,7 +176,7 @@ def test_eval_cli_errors(tmp_path):
 
 def test_run_distill_same_seed_same_plugin(tmp_path):
     """The seed fixes the plugin's random init too, not only the data order and degree pairs."""
-    from tocom.engine.distill import run_distill
+    from tocom.jobs.distill import run_distill
 
     ckpt, data = tiny_checkpoint(tmp_path), image_folder(tmp_path)
     plugins = [run_distill("vit_tiny_patch16_224", data, checkpoint=str(ckpt), max_r=4, steps=2, batch_size=4,

@@ -16,13 +16,13 @@ from torch.utils.data import TensorDataset
 import tocom
 from tocom.cli import main
 from tocom.data import write_vtab
-from tocom.engine import TrainConfig, train
-from tocom.engine.finetune import ClassifyObjective, add_method, run_finetune
-from tocom.engine.modelio import checkpoint_metadata, load_model
+from tocom.finetuned import checkpoint_metadata, load_model
+from tocom.jobs.finetune import ClassifyObjective, add_method, run_finetune
 from tocom.peft import add_lora, merge
 from tocom.pyra import add_pyra
+from tocom.train import TrainConfig, train
 
-METHODS = ("full", "lora", "adaptformer", "pyra")
+FINETUNE_METHODS = ("full", "lora", "adaptformer", "pyra")
 G = torch.Generator().manual_seed(0)
 IMAGES, LABELS = torch.randn(32, 3, 32, 32, generator=G), torch.randint(0, 4, (32,), generator=G)
 
@@ -46,7 +46,7 @@ def loss_on_data(model) -> float:
         return torch.nn.functional.cross_entropy(model.eval()(IMAGES), LABELS).item()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FINETUNE_METHODS)
 def test_a_few_steps_lower_the_loss(method, tmp_path):
     model = tuned(method)
     before = loss_on_data(model)
@@ -110,7 +110,7 @@ def test_new_head_metadata_and_refused_schedules(task, tmp_path):
     assert not tocom.models.is_patched(plain)  # plain checkpoints load as the timm model
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FINETUNE_METHODS)
 def test_cli_finetune_then_eval(method, task, tmp_path, capsys):
     out = tmp_path / f"{method}.safetensors"
     main(["finetune", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--data",
@@ -125,3 +125,19 @@ def test_cli_finetune_then_eval(method, task, tmp_path, capsys):
         main(["bench", "vit_tiny_patch16_224", "--checkpoint", str(out), "--r", "2", "--rounds", "1",
               "--batch-size", "2", "--json"])
         assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_finetune_under_evit_records_it_and_loads_pruning(task, tmp_path, capsys):
+    out = tmp_path / "evit.safetensors"
+    main(["finetune", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--data",
+          str(task), "--method", "adaptformer", "--compression", "evit", "--r", "2", "--epochs", "1",
+          "--batch-size", "4", "--workers", "0", "--out", str(out)])
+    assert checkpoint_metadata(out)["compression"] == "evit"
+    model = load_model("vit_tiny_patch16_224", out)
+    assert model._tocom.method == "evit"
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert model.last_state.tokens[-1] == 17 - 2 * len(model.blocks)  # pruned r = 2 per block
+    with pytest.raises(ValueError, match="PYRA modulates token merging"):
+        run_finetune("vit_tiny_patch16_224", task, checkpoint=tiny_checkpoint(tmp_path), method="pyra",
+                     compression="evit", out=tmp_path / "no.safetensors", num_workers=0, progress=False)

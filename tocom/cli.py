@@ -28,7 +28,7 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from tocom.engine.modelio import load_model
+    from tocom.finetuned import load_model
 
     # Each command patches and sets r itself (bench also times an unpatched copy), so a fine-tuned
     # model comes back unpatched; its PYRA modulators stay in its blocks for the next patch().
@@ -36,8 +36,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from tocom.engine.bench import bench
-    from tocom.engine.report import format_table, json_lines
+    from tocom.report.bench import bench
+    from tocom.report.tables import format_table, json_lines
 
     model = _load(args)
     dims = dims_of(model)
@@ -48,7 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from tocom.engine.visualize import visualize
+    from tocom.report.visualize import visualize
 
     model = patch(_load(args), args.method, trace_source=True)
     model.r = parse_schedule(args.r, dims_of(model))
@@ -56,7 +56,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from tocom.engine.distill import run_distill
+    from tocom.jobs.distill import run_distill
 
     _, summary = run_distill(
         args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
@@ -64,15 +64,15 @@ def cmd_distill(args: argparse.Namespace) -> None:
         loss=args.loss, preset=args.preset, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, out=args.out, run_dir=args.run_dir, resume=args.resume,
         num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed)
-    from tocom.engine import distributed
+    from tocom.train import distributed
 
     if distributed.rank() == 0:
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from tocom.engine import distributed
-    from tocom.engine.finetune import run_finetune
+    from tocom.jobs.finetune import run_finetune
+    from tocom.train import distributed
 
     _, recipe = run_finetune(
         args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
@@ -80,26 +80,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         rank=args.rank, lora_targets=tuple(args.lora_targets), bottleneck=args.bottleneck,  # "qv" -> q, v
         adapter_scale=args.adapter_scale, split_train=args.split_train, val_every=args.val_every,
         out=args.out, run_dir=args.run_dir, resume=args.resume, num_workers=args.workers,
-        device=args.device, seed=args.seed)
+        device=args.device, seed=args.seed, compression=args.compression)
     if distributed.rank() == 0:
-        print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+        print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "curve"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from tocom.compensator import Compensator
-    from tocom.data import eval_transform, load_dataset
-    from tocom.engine.evaluate import make_loader, select_scales, sweep
-    from tocom.engine.modelio import checkpoint_metadata, source_degree
-    from tocom.engine.report import format_table, json_lines
+    from tocom.data import load_dataset
+    from tocom.finetuned import checkpoint_metadata, eval_transform_for, source_degree
+    from tocom.jobs.evaluate import make_loader, sweep, sweep_at_selected_scales
+    from tocom.report.tables import format_table, json_lines
 
+    meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
     if args.source is None:  # a tocom finetune output records the degree it was trained at
-        meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
         args.source = source_degree(meta) or 0
-    model = patch(_load(args), args.method)
+    model = patch(_load(args), args.method or meta.get("compression", "tome"))
     plugin = Compensator.load(args.plugin) if args.plugin else None
     for degree in [args.source, *args.target] if plugin is not None else []:
         plugin.check_degree(degree)  # fail before any image is decoded
-    tf = eval_transform(model)
+    tf = eval_transform_for(args.checkpoint, model, args.resize)
     head = getattr(model, "num_classes", 0)
 
     def rows_for(split, scales, targets):
@@ -113,11 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.select_scale_on:
         if plugin is None:
             raise ValueError("--select-scale-on needs --plugin")
-        val = rows_for(args.select_scale_on, args.scale, args.target)
-        chosen = select_scales(val)
-        rows = []
-        for target in args.target:
-            rows += [r for r in rows_for(args.split, [chosen[target]], [target])]
+        rows = sweep_at_selected_scales(rows_for, args.scale, args.target, args.select_scale_on, args.split)
     else:
         rows = rows_for(args.split, args.scale, args.target)
     dicts = [r.as_dict() for r in rows]
@@ -125,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tocom.engine.demo import run_demo
+    from tocom.jobs.demo import run_demo
 
     run_demo(args.out, checkpoint=args.checkpoint, plugin_file=args.plugin, quick=args.quick)
 
@@ -138,8 +134,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tocom.engine.finetune import PRESETS
-    from tocom.engine.modelio import METHODS as FINETUNE_METHODS
+    from tocom.finetuned import FINETUNE_METHODS
+    from tocom.jobs.finetune import PRESETS
 
     parser = argparse.ArgumentParser(prog="tocom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-train", choices=["train", "trainval"], default="train",
                    help="trainval: VTAB-1k final runs (no validation); train: validate on val")
     p.add_argument("--val-every", type=int, help="epochs between validations (default: epochs / 10)")
+    p.add_argument("--compression", choices=["tome", "evit"], default="tome",
+                   help="reduce tokens by merging (tome) or pruning (evit) while fine-tuning")
     _add_run_args(p, "finetuned.safetensors")
     p.set_defaults(func=cmd_finetune)
 
@@ -199,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="VTAB-1k task folder or ImageFolder splits")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])
-    p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--resize", choices=["crop", "squash"],
+                   help="override the preprocessing the checkpoint records (default: the recorded one)")
+    p.add_argument("--method", choices=["tome", "evit"],
+                   help="compression (default: what the checkpoint was fine-tuned with, else tome)")
     p.add_argument("--source", type=int,
                    help="degree the checkpoint was fine-tuned at (default: its metadata, else 0)")
     p.add_argument("--target", type=int, nargs="+", default=[0, 4, 8, 12, 16])

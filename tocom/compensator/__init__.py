@@ -1,9 +1,9 @@
 """Layer 4: Token Compensator plugins, their arithmetic, files and training objective."""
 
 from tocom.compensator.attach import attach, attachment, detach, set_degree
-from tocom.compensator.distill import DistillObjective, sample_pair
 from tocom.compensator.fit import check_fits, spec_for
 from tocom.compensator.live import install_live, remove_live, set_pair
+from tocom.compensator.objective import DistillObjective, sample_pair
 from tocom.compensator.plugin import VARIANTS, Compensator, PluginSpec
 
 __all__ = [

@@ -12,8 +12,14 @@ from torch.utils.data import Dataset
 
 from .folder import FOLDER_SPLITS, SPLIT_DIRS, ImageFiles, ImageFolderSplit, folder_splits
 from .generated import TASKS, GeneratedTask, make_task, write_vtab
-from .groups import TASK_GROUPS, canonical_task, task_group
-from .transforms import data_config, eval_transform, train_transform
+from .shared import shared_dir
+from .transforms import (
+    data_config,
+    eval_transform,
+    preprocessing_record,
+    train_transform,
+    transform_from_record,
+)
 from .vtab import LIST_FILES, VTAB_SPLITS, VTAB1k, vtab_splits
 
 SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
@@ -60,21 +66,21 @@ __all__ = [
     "LIST_FILES",
     "SPLITS",
     "TASKS",
-    "TASK_GROUPS",
     "VTAB_SPLITS",
     "GeneratedTask",
     "ImageFiles",
     "ImageFolderSplit",
     "VTAB1k",
-    "canonical_task",
     "data_config",
     "detect_format",
     "folder_splits",
     "eval_transform",
     "load_dataset",
+    "shared_dir",
     "make_task",
-    "task_group",
+    "preprocessing_record",
     "train_transform",
+    "transform_from_record",
     "vtab_splits",
     "write_vtab",
 ]

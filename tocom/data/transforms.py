@@ -3,6 +3,10 @@
 ``eval_transform`` follows the model's own pretrained config (timm); ``train_transform`` picks
 an augmentation recipe by name. For VTAB-1k, PYRA and ToCom use ``"squash"`` for both training
 and evaluation.
+
+A fine-tuned checkpoint records the evaluation preprocessing it was validated with as a small
+JSON-able dict (:func:`preprocessing_record`); :func:`transform_from_record` rebuilds exactly that
+transform, so evaluation and serving see the images the model was validated on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torchvision import transforms as T
 
 ModelOrCfg = torch.nn.Module | Mapping[str, Any] | str
 TRAIN_KINDS: tuple[str, ...] = ("deit", "light", "none", "squash")
+RESIZES: tuple[str, ...] = ("crop", "squash")
 
 
 def data_config(model_or_cfg: ModelOrCfg, img_size: int | None = None) -> dict[str, Any]:
@@ -102,3 +107,36 @@ def train_transform(
     else:
         first = [T.Resize((size, size), interpolation=bicubic)]
     return T.Compose([*first, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def preprocessing_record(resize: str, model_or_cfg: ModelOrCfg, img_size: int | None = None
+                         ) -> dict[str, Any]:
+    """The evaluation preprocessing as data: ``resize, size, interpolation, crop_pct, mean, std``.
+
+    ``resize="crop"`` is timm's evaluation transform (resize to ``size / crop_pct``, centre crop);
+    ``"squash"`` resizes both sides to ``size`` (the VTAB-1k recipe). Mean, std, size and
+    interpolation come from the model's config, as in :func:`eval_transform`.
+    """
+    if resize not in RESIZES:
+        raise ValueError(f"unknown resize {resize!r}; choose one of {RESIZES}")
+    cfg = data_config(model_or_cfg, img_size)
+    return {"resize": resize, "size": int(cfg["input_size"][-1]),
+            "interpolation": "bicubic" if resize == "squash" else str(cfg["interpolation"]),
+            "crop_pct": float(cfg["crop_pct"]) if resize == "crop" else 1.0,
+            "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
+
+
+def transform_from_record(record: Mapping[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """The transform a :func:`preprocessing_record` describes: PIL RGB -> ``(3, size, size)`` tensor."""
+    missing = {"resize", "size", "interpolation", "crop_pct", "mean", "std"} - set(record)
+    if missing or record["resize"] not in RESIZES:
+        raise ValueError(f"not a preprocessing record (missing {sorted(missing)}, or resize not in "
+                         f"{RESIZES}): {dict(record)}")
+    mean, std = tuple(record["mean"]), tuple(record["std"])
+    if record["resize"] == "crop":
+        return create_transform(input_size=int(record["size"]), is_training=False,
+                                interpolation=record["interpolation"], crop_pct=float(record["crop_pct"]),
+                                mean=mean, std=std)
+    mode = T.InterpolationMode(record["interpolation"])
+    return T.Compose([T.Resize((int(record["size"]),) * 2, interpolation=mode), T.ToTensor(),
+                      T.Normalize(mean, std)])

@@ -1,4 +1,4 @@
-"""The papers' experiments in miniature (layer 6 and up: uses the engine)."""
+"""The papers' experiments in miniature (the top floor: uses the jobs, the training loop and the reports)."""
 
 from tocom.experiments.suite import EXPERIMENTS, run_experiment
 

@@ -15,12 +15,11 @@ from pathlib import Path
 from torch.utils.data import Subset
 
 from tocom.compensator import Compensator
-from tocom.data import eval_transform, load_dataset, write_vtab
-from tocom.engine.demo import shared_dir
-from tocom.engine.distill import run_distill
-from tocom.engine.evaluate import EvalRow, make_loader, sweep
-from tocom.engine.finetune import run_finetune
-from tocom.engine.modelio import load_model
+from tocom.data import load_dataset, shared_dir, write_vtab
+from tocom.finetuned import eval_transform_for, load_model
+from tocom.jobs.distill import run_distill
+from tocom.jobs.evaluate import EvalRow, make_loader, sweep, sweep_at_selected_scales
+from tocom.jobs.finetune import run_finetune
 from tocom.models import patch
 
 MODEL = "deit_tiny_patch16_224"
@@ -145,7 +144,7 @@ class Lab:
         method: str = "tome",
         weights: tuple[str, dict] | None = None,
     ) -> list[EvalRow]:
-        """Rows of :func:`tocom.engine.evaluate.sweep`, cached by everything that defines them."""
+        """Rows of :func:`tocom.jobs.evaluate.sweep`, cached by everything that defines them."""
         key = json.dumps(
             [
                 str(model_file),
@@ -165,7 +164,7 @@ class Lab:
         model = patch(load_model(MODEL, model_file), method)
         if weights is not None:
             model.load_state_dict(weights[1])  # weights[0] names them in the cache key
-        data = load_dataset(self.task_dir(task), split, eval_transform(model))
+        data = load_dataset(self.task_dir(task), split, eval_transform_for(model_file, model))
         if split == "test" and len(data) > self.budget.eval_images:
             step = len(data) // self.budget.eval_images
             data = Subset(data, range(0, step * self.budget.eval_images, step))
@@ -188,30 +187,18 @@ class Lab:
         self, model_file: Path, task: str, source: int, targets: list[int], plugin: Path, method: str = "tome"
     ) -> list[dict]:
         """Per target: accuracy without the plugin and with it at the scale chosen on val200."""
-        from tocom.engine.evaluate import select_scales
 
-        val = self.evaluate(
-            model_file, task, targets, source, plugin=plugin, scales=SCALES, split="val", method=method
-        )
-        chosen = select_scales(val)
+        def run(split: str, scales, targets) -> list[EvalRow]:
+            return self.evaluate(model_file, task, list(targets), source, plugin=plugin, scales=tuple(scales),
+                                 split=split, method=method)
+
+        rows = sweep_at_selected_scales(run, SCALES, targets)
         out = []
         for t in targets:
-            rows = self.evaluate(
-                model_file, task, [t], source, plugin=plugin, scales=(chosen[t],), method=method
-            )
-            base = next(r for r in rows if not r.plugin)
-            comp = next(r for r in rows if r.plugin)
-            out.append(
-                {
-                    "task": task,
-                    "source": source,
-                    "target": t,
-                    "without": base.accuracy,
-                    "with": comp.accuracy,
-                    "gain": comp.accuracy - base.accuracy,
-                    "scale": chosen[t],
-                }
-            )
+            base = next(r for r in rows if r.target == t and not r.plugin)
+            comp = next(r for r in rows if r.target == t and r.plugin)
+            out.append({"task": task, "source": source, "target": t, "without": base.accuracy,
+                        "with": comp.accuracy, "gain": comp.accuracy - base.accuracy, "scale": comp.scale})
         return out
 
 

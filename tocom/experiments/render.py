@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tocom.engine.report import format_table
+from tocom.report.tables import format_table
 
 
 def _pct(x: float | None) -> str:

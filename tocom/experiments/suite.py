@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tocom.engine.modelio import load_model
-from tocom.engine.plots import accuracy_plot
 from tocom.experiments.common import GENERATED, MODEL, Lab, write_results
+from tocom.finetuned import load_model
+from tocom.report.plots import accuracy_plot
 
 TASKS = ("cifar10", *GENERATED)
 EVEN = list(range(0, 17, 2))

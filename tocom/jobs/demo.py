@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +21,17 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from tocom.compensator import Compensator
-from tocom.data import eval_transform, load_dataset, make_task, train_transform, write_vtab
-from tocom.engine.config import TrainConfig
-from tocom.engine.distill import run_distill
-from tocom.engine.evaluate import make_loader, sweep
-from tocom.engine.finetune import ClassifyObjective, run_finetune
-from tocom.engine.modelio import load_model
-from tocom.engine.plots import accuracy_plot
-from tocom.engine.report import format_table
-from tocom.engine.trainer import train
+from tocom.data import load_dataset, make_task, shared_dir, train_transform, write_vtab
+from tocom.finetuned import eval_transform_for, load_model
+from tocom.jobs.distill import run_distill
+from tocom.jobs.evaluate import make_loader, sweep
+from tocom.jobs.finetune import ClassifyObjective, run_finetune
 from tocom.models import patch
 from tocom.models.loading import save_model
+from tocom.report.plots import accuracy_plot
+from tocom.report.tables import format_table
+from tocom.train.config import TrainConfig
+from tocom.train.trainer import train
 
 DEIT = "deit_tiny_patch16_224"
 SMALL_VIT = "vit_tiny_patch16_224"
@@ -56,11 +55,6 @@ class DemoPlan:
     eval_images: int
     real: bool
     finetune_lr: float | None = None  # None: the preset's
-
-
-def shared_dir() -> Path:
-    """``$TOCOM_SHARED``, else ``../shared`` beside the current directory (the repo layout)."""
-    return Path(os.environ.get("TOCOM_SHARED", Path.cwd().parent / "shared")).resolve()
 
 
 class _OffsetLabels(Dataset):
@@ -147,7 +141,7 @@ def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin
 
     print(f"[demo] evaluating at r = {list(plan.targets)} with and without the plugin")
     model = patch(load_model(plan.model_name, finetuned))
-    test = load_dataset(plan.downstream, "test", eval_transform(model))
+    test = load_dataset(plan.downstream, "test", eval_transform_for(finetuned, model))
     step = max(1, len(test) // plan.eval_images)
     subset = Subset(test, range(0, step * plan.eval_images, step)[: len(test)])
     rows = [r.as_dict() for r in sweep(model, make_loader(subset, 50), plan.targets, 0, plugin,

@@ -7,8 +7,8 @@ is loaded. A configuration is a target degree and a plugin scale (None: no plugi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from tocom.compensator import attach, attachment, set_degree
 from tocom.compress import Schedule
-from tocom.engine.bench import sync_device
+from tocom.report.bench import sync_device
 
 
 @dataclass
@@ -31,9 +31,14 @@ class EvalRow:
     accuracy: float  # top-1 in [0, 1]
     throughput: float  # images/s of the forward passes alone
     split: str = "test"
+    # Per image, in loader order (sweep(..., keep_predictions=True)); not part of the JSON line.
+    predictions: list[int] | None = field(default=None, repr=False)
+    labels: list[int] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        row = asdict(self)
+        del row["predictions"], row["labels"]
+        return row
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
@@ -49,7 +54,8 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
 @torch.inference_mode()
 def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], source: int,
           plugin: nn.Module | None = None, scales: Sequence[float] | None = None,
-          device: str | torch.device = "cpu", split: str = "test", progress: bool = True) -> list[EvalRow]:
+          device: str | torch.device = "cpu", split: str = "test", progress: bool = True,
+          keep_predictions: bool = False) -> list[EvalRow]:
     """Accuracy of a patched model at each target, without and (if given) with the plugin.
 
     Args:
@@ -57,6 +63,8 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], sou
         targets: degrees (or, without a plugin, any schedule such as a per-block list).
         plugin: a :class:`tocom.Compensator`; each ``scales`` value gives one more row per target
             (default: the plugin's own scale).
+        keep_predictions: fill each row's ``predictions`` and ``labels`` (one int per image), for
+            paired statistics between rows.
     """
     device = torch.device(device)
     model.to(device).eval()
@@ -69,6 +77,8 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], sou
         configs += [(t, s) for t in targets for s in scales]
     correct = {c: 0 for c in configs}
     seconds = {c: 0.0 for c in configs}
+    predicted: dict[tuple[Schedule, float | None], list[int]] = {c: [] for c in configs}
+    labels_seen: list[int] = []
     seen = 0
     for batch_index, (images, labels) in enumerate(
             tqdm(loader, desc=f"eval {split}", disable=not progress, leave=False)):
@@ -89,11 +99,16 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], sou
             sync_device(device)
             seconds[(target, scale)] += time.perf_counter() - start
             correct[(target, scale)] += int((logits.argmax(-1) == labels).sum())
+            if keep_predictions:
+                predicted[(target, scale)] += logits.argmax(-1).tolist()
+        if keep_predictions:
+            labels_seen += labels.tolist()
         seen += len(labels)
     if seen == 0:
         raise ValueError("the evaluation split is empty")
     return [EvalRow(list(t) if isinstance(t, tuple) else t, source, s is not None, s, correct[(t, s)] / seen,
-                    seen / seconds[(t, s)], split) for t, s in configs]
+                    seen / seconds[(t, s)], split, predicted[(t, s)] if keep_predictions else None,
+                    labels_seen if keep_predictions else None) for t, s in configs]
 
 
 def select_scales(val_rows: Sequence[EvalRow]) -> dict[int, float]:
@@ -106,3 +121,16 @@ def select_scales(val_rows: Sequence[EvalRow]) -> dict[int, float]:
         if cur is None or (row.accuracy, -row.scale) > (cur.accuracy, -cur.scale):
             best[row.target] = row
     return {t: row.scale for t, row in best.items()}
+
+
+def sweep_at_selected_scales(run: Callable[[str, Sequence[float], Sequence[Schedule]], list[EvalRow]],
+                             scales: Sequence[float], targets: Sequence[Schedule], select_on: str = "val",
+                             split: str = "test") -> list[EvalRow]:
+    """Pick each target's plugin scale on ``select_on``, then evaluate ``split`` at that scale alone.
+
+    ``run(split, scales, targets)`` returns :func:`sweep` rows (with and without the plugin), so the
+    caller decides how the model and data are loaded (and cached). The result holds, per target, the
+    no-plugin row and the row at the chosen scale.
+    """
+    chosen = select_scales(run(select_on, scales, targets))
+    return [row for target in targets for row in run(split, [chosen[target]], [target])]

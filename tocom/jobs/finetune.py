@@ -2,9 +2,9 @@
 
 Methods: ``full`` (every weight), ``lora`` (rank-h LoRA on q, k, v or q, v of the fused qkv),
 ``adaptformer`` (bottleneck adapters parallel to each MLP) and ``pyra`` (LoRA plus PYRA token
-modulation). The loop is :func:`tocom.engine.trainer.train` with a :class:`ClassifyObjective`; the
+modulation). The loop is :func:`tocom.train.trainer.train` with a :class:`ClassifyObjective`; the
 result is one safetensors file with LoRA folded in (AdaptFormer adapters and PYRA modulators
-stay: they run at inference) that :func:`tocom.engine.modelio.load_model` rebuilds.
+stay: they run at inference) that :func:`tocom.finetuned.load_model` rebuilds.
 
 Presets (``PRESETS``): ToCom's downstream recipes (DeiT-style: AdamW, cosine, label smoothing 0.1,
 RandAugment + random erasing, lr scaled per 512 images of global batch; their mixup/cutmix,
@@ -26,12 +26,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from tocom.compress import check_unclamped, parse_schedule, resolve_schedule
-from tocom.data import eval_transform, load_dataset, train_transform
-from tocom.engine import distributed
-from tocom.engine.config import TrainConfig, lr_per_512
-from tocom.engine.evaluate import make_loader
-from tocom.engine.modelio import METHODS, finetune_metadata
-from tocom.engine.trainer import Objective, train
+from tocom.data import load_dataset, preprocessing_record, train_transform, transform_from_record
+from tocom.finetuned import FINETUNE_METHODS, finetune_metadata
+from tocom.jobs.evaluate import make_loader
 from tocom.models import dims_of, patch
 from tocom.models.loading import (
     build_model,
@@ -42,6 +39,9 @@ from tocom.models.loading import (
 )
 from tocom.peft import add_adaptformer, add_lora, mark_trainable, merge
 from tocom.pyra import PARAM_PATTERN, add_pyra
+from tocom.train import distributed
+from tocom.train.config import TrainConfig, lr_per_512
+from tocom.train.trainer import Objective, train
 
 HEAD_KEYS = ("head.", "head_dist.")  # DeiT distilled models have a second head
 RECIPE_FIELDS = ("steps", "lr", "batch_size", "weight_decay", "warmup_steps", "seed")  # of TrainConfig
@@ -126,7 +126,7 @@ def add_method(model: nn.Module, method: str, rank: int = 8, targets: tuple[str,
         mark_trainable(add_adaptformer(model, bottleneck=bottleneck, scale=scale), "adaptformer")
         return {"bottleneck": bottleneck, "scale": scale}
     if method not in ("lora", "pyra"):
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose one of {FINETUNE_METHODS}")
     add_lora(model, rank=rank, targets=targets)
     if method == "pyra":
         add_pyra(model)
@@ -137,9 +137,11 @@ def add_method(model: nn.Module, method: str, rank: int = 8, targets: tuple[str,
 def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path | None = None,
                   pretrained: bool = False, method: str = "lora", r: str = "0", rank: int = 8,
                   lora_targets: tuple[str, ...] = ("q", "k", "v"), bottleneck: int = 32,
-                  adapter_scale: float = 0.1, drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
-    """The model :func:`run_finetune` trains: a ``num_classes`` head, ToMe at schedule ``r`` (text),
-    ``method``'s modules, and only what the method trains marked trainable.
+                  adapter_scale: float = 0.1, drop_path: float = 0.0, compression: str = "tome"
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """The model :func:`run_finetune` trains: a ``num_classes`` head, ``compression`` (ToMe merging or
+    EViT pruning) at schedule ``r`` (text), ``method``'s modules, and only what the method trains
+    marked trainable.
 
     Like every ToMe model, a block asked for more than it can merge is clamped (DeiT at r = 16 merges
     only 10 in its last block); PYRA alone refuses such schedules, since its weights are per pair.
@@ -149,7 +151,9 @@ def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path |
     """
     extra = {"drop_path_rate": drop_path} if drop_path else {}
     model, new_head, model_kwargs = load_for_classes(model_name, checkpoint, pretrained, num_classes, **extra)
-    patch(model, "tome")
+    if method == "pyra" and compression != "tome":
+        raise ValueError("PYRA modulates token merging; fine-tune it with compression='tome'")
+    patch(model, compression)
     dims = dims_of(model)
     schedule = resolve_schedule(parse_schedule(r, dims), dims.depth)
     if method == "pyra":
@@ -184,7 +188,8 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
                  val_every: int | None = None, out: str | Path = "finetuned.safetensors",
                  run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
                  device: str | None = None, seed: int = 0, progress: bool = True,
-                 stop_after: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                 stop_after: int | None = None, compression: str = "tome"
+                 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune and write ``out``; returns the (folded) model and the recipe recorded in it.
 
     ``r`` is any :func:`tocom.compress.parse_schedule` text (``8``, ``8,8,4``, ``flops=0.5``,
@@ -195,9 +200,10 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     method = method or p.method
-    if method not in METHODS:
-        raise ValueError(f"preset {preset!r} serves any method: pass method= one of {METHODS}"
-                         if method is None else f"unknown method {method!r}; choose one of {METHODS}")
+    if method not in FINETUNE_METHODS:
+        choose = f"one of {FINETUNE_METHODS}"
+        raise ValueError(f"preset {preset!r} serves any method: pass method= {choose}"
+                         if method is None else f"unknown method {method!r}; choose {choose}")
     if split_train not in ("train", "trainval"):
         raise ValueError(f"split_train must be 'train' or 'trainval', got {split_train!r}")
     batch_size = batch_size or p.batch_size
@@ -212,12 +218,13 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     model, info = prepare_model(model_name, train_data.num_classes, checkpoint=checkpoint,
                                 pretrained=pretrained, method=method, r=text, rank=rank,
                                 lora_targets=lora_targets, bottleneck=bottleneck,
-                                adapter_scale=adapter_scale, drop_path=p.drop_path)
+                                adapter_scale=adapter_scale, drop_path=p.drop_path, compression=compression)
 
-    squash = p.augment in ("none", "squash")
     train_data.transform = train_transform(p.augment, model_or_cfg=model)  # the model's size and mean/std
-    val_tf = train_transform("squash", model_or_cfg=model) if squash else eval_transform(model)
-    val_data = load_dataset(data, "val", val_tf) if split_train == "train" else None
+    # Recorded in the checkpoint, so every later evaluation sees what validation saw.
+    preprocessing = preprocessing_record("squash" if p.augment in ("none", "squash") else "crop", model)
+    val_data = (load_dataset(data, "val", transform_from_record(preprocessing)) if split_train == "train"
+                else None)
     per_epoch = len(train_data) // (batch_size * world)
     if per_epoch == 0:
         raise ValueError(f"{len(train_data)} training images cannot fill one batch of {batch_size} x {world} "
@@ -242,9 +249,10 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         "augment": p.augment, "label_smoothing": p.label_smoothing, "drop_path": p.drop_path,
         "world_size": world, "wall_s": round(time.time() - start, 1), "steps_done": result.step,
         "val_acc": result.evals[-1]["val_acc"] if result.evals else None,
+        "curve": [[e["step"], e["val_acc"]] for e in result.evals],  # this process's validations
     }
     model = merge(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
     if distributed.rank() == 0 and result.step == steps:
-        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe)
+        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing, compression)
         save_model(model, out, model_name, info["model_kwargs"], meta)
     return model, recipe

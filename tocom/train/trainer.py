@@ -8,14 +8,14 @@ Contract
     frozen ones it needs; ``objective(batch) -> loss | (loss, metrics)``. Per-step randomness (dropout,
     a random compression-degree pair) comes from the global torch / ``random`` / numpy RNGs, which
     are seeded per rank from ``(seed, rank)`` and saved in checkpoints.
-  * The engine builds the loader itself (:mod:`tocom.engine.data`): deterministic per-epoch
+  * The engine builds the loader itself (:mod:`tocom.train.loader`): deterministic per-epoch
     permutation, disjoint rank shards, drop_last, epochs roll over until ``steps``.
   * One step: ``lr <- lr_at(step)``; batch to device; forward under autocast; (scaled) backward;
     optional clipping; AdamW step. Then, at their intervals: log, checkpoint, evaluate.
   * ``evaluate(objective, step) -> {name: float}`` runs on *every* rank (so it may shard its data via
-    :mod:`tocom.engine.distributed`) in eval mode under ``no_grad``, with RNG states saved and restored
+    :mod:`tocom.train.distributed`) in eval mode under ``no_grad``, with RNG states saved and restored
     around it; its results are averaged over ranks. Called every ``eval_every`` steps and at ``steps``.
-  * Rank 0 alone writes ``out_dir/last.ckpt`` (see :mod:`tocom.engine.checkpoint`), ``metrics.jsonl``
+  * Rank 0 alone writes ``out_dir/last.ckpt`` (see :mod:`tocom.train.checkpoint`), ``metrics.jsonl``
     and the progress bar; every rank gets the same :class:`TrainResult`.
 
 Guarantee: ``train(..., stop_after=k)`` then ``train(..., resume=True)`` ends with parameters
@@ -42,8 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tocom.engine import distributed
-from tocom.engine.checkpoint import (
+from tocom.train import distributed
+from tocom.train.checkpoint import (
     atomic_save,
     capture_rng,
     load_checkpoint,
@@ -51,8 +51,8 @@ from tocom.engine.checkpoint import (
     restore_rng,
     trainable_state,
 )
-from tocom.engine.config import TrainConfig, build_optimizer, check_resumable, lr_at, resolve_amp
-from tocom.engine.data import build_loader, mix_seed, move_to_device
+from tocom.train.config import TrainConfig, build_optimizer, check_resumable, lr_at, resolve_amp
+from tocom.train.loader import build_loader, mix_seed, move_to_device
 
 __all__ = ["Objective", "TrainConfig", "TrainResult", "lr_at", "train"]
 

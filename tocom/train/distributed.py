@@ -38,11 +38,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def is_main() -> bool:
-    """True on the process that writes checkpoints, logs and the progress bar."""
-    return rank() == 0
-
-
 def launched_by_torchrun() -> bool:
     """True when the environment carries torchrun's rendezvous variables."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -16,11 +16,11 @@ from torch.utils.data import Dataset
 
 from tocom.compensator import Compensator, DistillObjective
 from tocom.data import ImageFiles, train_transform
-from tocom.engine import distributed
-from tocom.engine.config import TrainConfig, lr_per_512
-from tocom.engine.trainer import train
 from tocom.models import patch
 from tocom.models.loading import create_model
+from tocom.train import distributed
+from tocom.train.config import TrainConfig, lr_per_512
+from tocom.train.trainer import train
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tests for tocom.engine: schedule, data order, checkpoints, resume equality, evaluation, DDP."""
+"""Tests for tocom.train: schedule, data order, checkpoints, resume equality, evaluation, DDP."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tocom.engine import EpochBatchSampler, Objective, TrainConfig, atomic_save, build_optimizer, lr_at, train
-from tocom.engine import checkpoint as ckpt_mod
-from tocom.engine.data import PerItemSeeded, move_to_device
+from tocom.train import EpochBatchSampler, Objective, TrainConfig, atomic_save, build_optimizer, lr_at, train
+from tocom.train import checkpoint as ckpt_mod
+from tocom.train.loader import PerItemSeeded, move_to_device
 
 
 class ToyData(Dataset):
