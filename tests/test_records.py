@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tocom
 from tocom.report.provenance import content_hash, provenance, sha256_file, sha256_tree
 from tocom.report.records import Records, load_results, predictions_path, read_records, write_records
 
@@ -137,5 +138,6 @@ def test_provenance_names_commit_versions_and_device():
     assert info["commit"] == (head or None)
     assert isinstance(info["dirty"], bool) or info["commit"] is None
     assert info["versions"]["numpy"] == np.__version__ and set(info["versions"]) >= {"torch", "timm", "scipy"}
+    assert info["versions"]["tocom"] == tocom.__version__
     assert info["device"].startswith("cpu") and info["python"].count(".") == 2
     json.dumps(info)

@@ -50,10 +50,12 @@ def content_hash(path: str | Path) -> str:
     return sha256_tree(path) if Path(path).is_dir() else sha256_file(path)
 
 
+_CHECKOUT = Path(__file__).resolve().parents[2]  # where this tocom was imported from
+
+
 def _git(*args: str) -> str | None:
-    repo = Path(__file__).resolve().parents[2]  # the checkout this tocom was imported from
     try:
-        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=_CHECKOUT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -64,6 +66,21 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def _tocom_version() -> str | None:
+    """The version of the imported tocom: its checkout's pyproject.toml, else the installed metadata."""
+    pyproject = _CHECKOUT / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            import tomllib  # Python >= 3.11
+        except ImportError:
+            tomllib = None
+        if tomllib is not None:
+            project = tomllib.loads(pyproject.read_text()).get("project", {})
+            if project.get("name") == "tocom":
+                return project.get("version")
+    return _version("tocom")
 
 
 def _device_name(device: str | None) -> str:
@@ -80,14 +97,12 @@ def provenance(device: str | None = None) -> dict:
     ``commit`` and ``dirty`` are None outside a git checkout; ``dirty`` ignores untracked files
     (results being written are untracked until committed). ``device`` is e.g. ``"cpu"`` or ``"cuda:0"``.
     """
-    from tocom import __version__
-
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "commit": commit,
         "dirty": None if status is None else bool(status),
-        "versions": {"tocom": __version__, **{p: _version(p) for p in PACKAGES}},
+        "versions": {"tocom": _tocom_version(), **{p: _version(p) for p in PACKAGES}},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "device": _device_name(device),
