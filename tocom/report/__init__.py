@@ -1,1 +1,2 @@
-"""Presentation: tables, plots, merge pictures and throughput benchmarks of compressed models."""
+"""Presentation and evidence: tables, plots, merge pictures, throughput benchmarks, per-image prediction
+records with their provenance, and paired statistics (bootstrap CIs, McNemar) for comparing them."""
