@@ -129,8 +129,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_experiment(args: argparse.Namespace) -> None:
     from tocom.experiments import run_experiment
 
+    if args.name == ["all"]:
+        from tocom.experiments.evidence import STAGES, run_evidence
+
+        path = run_evidence(args.work or "runs/evidence", args.out, args.protocol,
+                            tuple(args.stage) if args.stage else STAGES, args.device, args.workers)
+        if path is not None:
+            print(f"wrote {path}")
+        return
+    if "all" in args.name:
+        raise ValueError("'all' runs the evidence stages on its own; pass it alone")
     for name in args.name:
-        print(f"wrote {run_experiment(name, args.out, args.budget, args.work)}")
+        print(f"wrote {run_experiment(name, args.out, args.budget, args.work or 'runs/experiments')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,10 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("experiment", help="run the papers' experiments in miniature (needs ../shared)")
-    p.add_argument("name", nargs="+", choices=["mismatch", "gap", "gains", "ablations", "evit", "pyra"])
+    p.add_argument("name", nargs="+",
+                   choices=["all", "mismatch", "gap", "gains", "ablations", "evit", "pyra"],
+                   help="all: the evidence run (plugins, finetune, predict, analyze), resumable by stage")
     p.add_argument("--budget", choices=["small", "smoke"], default="small")
+    p.add_argument("--protocol", choices=["paper-mini", "smoke"], default="paper-mini", help="for all")
+    p.add_argument("--stage", nargs="+", choices=["plugins", "finetune", "predict", "analyze"],
+                   help="for all: only these stages (default: every stage, in order)")
+    p.add_argument("--device", help="for all: cuda or cpu (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="for all: data loader workers")
     p.add_argument("--out", default="docs/results", help="where results files go")
-    p.add_argument("--work", default="runs/experiments", help="cache of models, plugins and evaluations")
+    p.add_argument("--work", help="cache of models, plugins and evaluations "
+                                  "(default: runs/experiments, runs/evidence for all)")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("visualize", help="picture of which patches merged into which token")

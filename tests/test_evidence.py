@@ -1,0 +1,62 @@
+"""The evidence analysis on synthetic prediction records: endpoints are the paired differences they claim."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tocom.experiments.evidence import PROTOCOLS
+from tocom.experiments.evidence_report import Analysis
+
+P = PROTOCOLS["smoke"]  # tasks cifar10, count; sources 0, 16; targets 0, 16; one seed of each
+N = 50
+RNG = np.random.default_rng(0)
+LABELS = RNG.integers(0, 3, N).tolist()
+
+
+def predictions(accuracy: float) -> list[int]:
+    """Predictions right on the first ``accuracy * N`` images, wrong on the rest."""
+    k = round(accuracy * N)
+    return [y if i < k else (y + 1) % 3 for i, y in enumerate(LABELS)]
+
+
+def record(task: str, source: int, accuracies: dict) -> dict:
+    rows = []
+    for target in P.targets:
+        rows.append({"target": target, "plugin": False, "scale": None,
+                     "predictions": predictions(accuracies[(target, None)]), "labels": LABELS})
+        for scale in (0.1,):
+            rows.append({"target": target, "plugin": True, "scale": scale,
+                         "predictions": predictions(accuracies[(target, scale)]), "labels": LABELS})
+    return {"task": task, "source": source, "seed": 0, "model": f"{task}_{source}",
+            "plugins": {"0": {"selected": {str(t): 0.1 for t in P.targets}, "test": rows}}}
+
+
+@pytest.fixture
+def analysis():
+    records = []
+    for task in P.tasks:
+        # r=0 model: 0.8 at 0, 0.6 at 16 (0.7 with the plugin); r=16 model: 0.7 at 0, 0.8 at 16.
+        records.append(record(task, 0, {(0, None): 0.8, (0, 0.1): 0.8, (16, None): 0.6, (16, 0.1): 0.7}))
+        records.append(record(task, 16, {(0, None): 0.7, (0, 0.1): 0.66, (16, None): 0.8, (16, 0.1): 0.8}))
+    return Analysis(SimpleNamespace(p=P), records)
+
+
+def test_gain_gap_and_closure_are_the_hand_computed_values(analysis):
+    assert analysis.gain(0, 16).difference == pytest.approx(0.1)
+    assert analysis.gain(16, 0).difference == pytest.approx(-0.04)
+    assert analysis.gap(0, 16).difference == pytest.approx(0.2)  # matched model 0.8 vs 0.6
+    assert analysis.closure(0, 16)["fraction"] == pytest.approx(0.5)
+    gain = analysis.gain(0, 16)
+    assert gain.ci_low > 0  # 5 images of 50 flipped in each of two tasks, none the other way
+    assert analysis.gain(16, 0).ci_high <= 0
+
+
+def test_records_hold_one_row_per_configuration(analysis):
+    records = analysis.records("cifar10")
+    # per source: targets x (no plugin + one scale)
+    assert records.pred.shape == (len(P.sources) * len(P.targets) * 2, N)
+    selected = records.find({"source": 0, "target": 16, "selected": True})
+    assert len(selected) == 1 and records.correct(selected[0]).mean() == pytest.approx(0.7)

@@ -1,0 +1,278 @@
+"""The plugin's effect under the ToCom VTAB protocol, with seeds, per-image records and paired statistics.
+
+``tocom experiment all`` runs four stages in order; each skips the units it finds finished, so a
+killed run resumes where it stopped (a fine-tune or a distillation also resumes mid-run from its
+own checkpoint):
+
+1. ``plugins``: the standard plugin distilled once per plugin seed on the ImageNet sample (minus a
+   held-out tenth, on which the loss of each degree pair is recorded along training);
+2. ``finetune``: AdaptFormer on the frozen DeiT-Tiny backbone (the weights the plugin was
+   distilled on), per task x source degree x fine-tuning seed, validation curve recorded;
+3. ``predict``: per fine-tuned model, per-image predictions on val200 (every scale of the grid, for
+   selection) and on the test set (no plugin, and each plugin at the scales selected on val and at
+   the fixed scale), at every target degree;
+4. ``analyze``: the pre-declared endpoints of ``docs/results/README.md`` with paired bootstrap CIs
+   and exact McNemar tests, written to ``docs/results/evidence.{json,md}`` with the predictions.
+
+Units are keyed by content: a model's key hashes the task data, the backbone weights and the
+recipe, so changing any of them makes a new unit instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from tocom.atomic import atomic_write
+from tocom.compensator import Compensator
+from tocom.data import load_dataset, shared_dir, write_vtab
+from tocom.finetuned import eval_transform_for, load_model
+from tocom.jobs.distill import run_distill
+from tocom.jobs.evaluate import EvalRow, make_loader, select_scales, sweep
+from tocom.jobs.finetune import run_finetune
+from tocom.models import patch
+from tocom.report.provenance import content_hash
+
+MODEL = "deit_tiny_patch16_224"
+STAGES = ("plugins", "finetune", "predict", "analyze")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that defines the evidence run; its fields go into every unit's key."""
+
+    tasks: tuple[str, ...] = ("cifar10", "count", "orientation")
+    sources: tuple[int, ...] = (0, 16)
+    targets: tuple[int, ...] = (0, 4, 8, 12, 16)
+    finetune_seeds: tuple[int, ...] = (0, 1, 2)
+    plugin_seeds: tuple[int, ...] = (0, 1)
+    method: str = "adaptformer"  # on the frozen backbone, as ToCom's VTAB tables
+    preset: str = "tocom-vtab-adaptformer"
+    epochs: int = 30
+    batch_size: int = 64
+    plugin_steps: int = 2000
+    plugin_batch: int = 64
+    plugin_lr: float = 1e-3
+    plugin_eval_every: int = 250
+    # 0 (no delta) and multiples of the trained scale 0.1 around it; the paper's exact grid is not
+    # published with its code, so the grid brackets the trained value on both sides.
+    scales: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
+    fixed_scale: float = 0.1
+    generated_test: int = 2000
+    test_images: int | None = None  # None: the whole test split
+    eval_batch: int = 250
+
+
+PROTOCOLS = {
+    "paper-mini": Protocol(),
+    # Seconds on a CPU: the whole pipeline on a sliver of everything (tests and a dry run).
+    "smoke": Protocol(tasks=("cifar10", "count"), targets=(0, 16), finetune_seeds=(0,), plugin_seeds=(0,),
+                      epochs=1, batch_size=32, plugin_steps=2, plugin_batch=8, plugin_eval_every=1,
+                      scales=(0.0, 0.1), generated_test=40, test_images=40, eval_batch=20),
+}
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Evidence:
+    """Paths, content keys and the units of each stage."""
+
+    def __init__(self, work: str | Path = "runs/evidence", protocol: str = "paper-mini",
+                 device: str | None = None, num_workers: int = 0, progress: bool = True):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
+        self.name, self.p = protocol, PROTOCOLS[protocol]
+        self.shared = shared_dir()
+        self.weights = self.shared / "weights" / f"{MODEL}.safetensors"
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"the evidence run needs the real DeiT-Tiny weights of ../shared; "
+                                    f"{self.weights} is missing (set TOCOM_SHARED)")
+        self.work = Path(work) / protocol
+        self.device, self.num_workers, self.progress = device, num_workers, progress
+        self._digests: dict[str, str] = {}
+
+    # ----- inputs -------------------------------------------------------------------------
+    def task_dir(self, task: str) -> Path:
+        if task == "cifar10":
+            return self.shared / "data/vtab-1k/cifar10"
+        folder = self.work / "data" / task
+        if not (folder / "test.txt").is_file():
+            seed = ("count", "orientation", "shape", "location").index(task) + 1
+            write_vtab(task, folder, seed=seed, image_size=64, n_train=800, n_val=200,
+                       n_test=self.p.generated_test, overwrite=True)
+        return folder
+
+    def digest(self, path: Path) -> str:
+        key = str(path)
+        if key not in self._digests:
+            self._digests[key] = content_hash(path)
+        return self._digests[key]
+
+    def distill_split(self) -> tuple[Path, Path]:
+        """Links to the ImageNet sample: nine tenths to distil on, every tenth image held out."""
+        source = self.shared / "data/imagenet-sample"
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        train, held = self.work / "distill-data/train", self.work / "distill-data/holdout"
+        if not held.is_dir() or len(list(held.iterdir())) != len(files[::10]):
+            for folder in (train, held):
+                folder.mkdir(parents=True, exist_ok=True)
+                for old in folder.iterdir():
+                    old.unlink()
+            for i, path in enumerate(files):
+                os.symlink(path.resolve(), (held if i % 10 == 0 else train) / path.name)
+        return train, held
+
+    # ----- units --------------------------------------------------------------------------
+    def plugin_path(self, seed: int) -> Path:
+        p = self.p
+        key = _digest(self.digest(self.weights), self.digest(self.shared / "data/imagenet-sample"),
+                      p.plugin_steps, p.plugin_batch, p.plugin_lr, seed)
+        return self.work / "plugins" / f"seed{seed}-{key}.tocom.safetensors"
+
+    def model_path(self, task: str, source: int, seed: int) -> Path:
+        p = self.p
+        key = _digest(self.digest(self.weights), self.digest(self.task_dir(task)), p.method, p.preset,
+                      p.epochs, p.batch_size, source, seed)
+        return self.work / "models" / f"{task}_r{source}_seed{seed}-{key}.safetensors"
+
+    def predictions_path(self, model: Path) -> Path:
+        plugins = [self.digest(self.plugin_path(s)) for s in self.p.plugin_seeds]
+        key = _digest(self.digest(model), plugins, self.p.targets, self.p.scales, self.p.fixed_scale,
+                      self.p.test_images)
+        return self.work / "predictions" / f"{model.stem}-{key}.json"
+
+    def models(self) -> Iterator[tuple[str, int, int]]:
+        for task in self.p.tasks:
+            for source in self.p.sources:
+                for seed in self.p.finetune_seeds:
+                    yield task, source, seed
+
+    # ----- stages -------------------------------------------------------------------------
+    def run_plugins(self) -> None:
+        train, held = self.distill_split()
+        for seed in self._todo("plugins", self.p.plugin_seeds, lambda s: self.plugin_path(s)):
+            out = self.plugin_path(seed)
+            run_dir = Path(str(out) + ".run")
+            _, summary = run_distill(
+                MODEL, train, checkpoint=str(self.weights), steps=self.p.plugin_steps,
+                batch_size=self.p.plugin_batch, lr=self.p.plugin_lr, out=out, run_dir=run_dir,
+                resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers, device=self.device,
+                seed=seed, progress=self.progress, holdout=held, eval_every=self.p.plugin_eval_every)
+            _write_json(Path(str(out) + ".json"), summary)
+
+    def run_finetune(self) -> None:
+        for task, source, seed in self._todo("finetune", list(self.models()),
+                                             lambda unit: self.model_path(*unit)):
+            out = self.model_path(task, source, seed)
+            run_dir = Path(str(out) + ".run")
+            run_finetune(MODEL, self.task_dir(task), checkpoint=self.weights, method=self.p.method,
+                         preset=self.p.preset, r=str(source), epochs=self.p.epochs,
+                         batch_size=self.p.batch_size, val_every=1, out=out, run_dir=run_dir,
+                         resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers,
+                         device=self.device, seed=seed, progress=self.progress)
+
+    def run_predict(self) -> None:
+        units = list(self.models())
+        for task, source, seed in self._todo("predict", units,
+                                             lambda u: self.predictions_path(self.model_path(*u))):
+            model_file = self.model_path(task, source, seed)
+            record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
+                      "model_sha256": self.digest(model_file), "plugins": {}}
+            for plugin_seed in self.p.plugin_seeds:
+                plugin_file = self.plugin_path(plugin_seed)
+                plugin = Compensator.load(plugin_file)
+                val = self._sweep(model_file, task, "val", source, plugin, self.p.scales)
+                chosen = select_scales(val)
+                scales = sorted(set(chosen.values()) | {self.p.fixed_scale})
+                test = self._sweep(model_file, task, "test", source, plugin, scales)
+                record["plugins"][str(plugin_seed)] = {
+                    "file": plugin_file.name, "sha256": self.digest(plugin_file), "selected": chosen,
+                    "val": [_row(r) for r in val], "test": [_row(r) for r in test]}
+            _write_json(self.predictions_path(model_file), record)
+
+    def _sweep(self, model_file: Path, task: str, split: str, source: int, plugin: Compensator,
+               scales) -> list[EvalRow]:
+        model = patch(load_model(MODEL, model_file))
+        data = load_dataset(self.task_dir(task), split, eval_transform_for(model_file, model))
+        if split == "test" and self.p.test_images and len(data) > self.p.test_images:
+            data = Subset(data, range(self.p.test_images))
+        return sweep(model, make_loader(data, self.p.eval_batch, self.num_workers), list(self.p.targets),
+                     source, plugin, scales, device=self.device or _default_device(), split=split,
+                     progress=self.progress, keep_predictions=True)
+
+    def _todo(self, stage: str, units, path_of: Callable) -> Iterator:
+        """The units whose output is missing, with progress and an ETA across them."""
+        units = list(units)
+        todo = [u for u in units if not path_of(u).is_file()]
+        print(f"[{stage}] {len(units) - len(todo)} of {len(units)} units done; {len(todo)} to run")
+        start = time.time()
+        for i, unit in enumerate(tqdm(todo, desc=stage, disable=not self.progress)):
+            yield unit
+            left = (time.time() - start) / (i + 1) * (len(todo) - i - 1)
+            print(f"[{stage}] {unit} done; about {left / 60:.1f} min left in this stage")
+
+    # ----- reading back -------------------------------------------------------------------
+    def load_predictions(self) -> list[dict]:
+        """Every finished model's prediction record (missing ones are an error naming them)."""
+        records, missing = [], []
+        for unit in self.models():
+            path = self.predictions_path(self.model_path(*unit))
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
+            else:
+                missing.append(str(unit))
+        if missing:
+            raise FileNotFoundError(f"predictions missing for {', '.join(missing)}: run the earlier stages "
+                                    "(tocom experiment all resumes them)")
+        return records
+
+    def provenance(self) -> dict:
+        return {"protocol": self.name, **asdict(self.p), "weights_sha256": self.digest(self.weights),
+                "imagenet_sample_sha256": self.digest(self.shared / "data/imagenet-sample"),
+                "tasks_sha256": {t: self.digest(self.task_dir(t)) for t in self.p.tasks}}
+
+
+def _row(row: EvalRow) -> dict:
+    return {**row.as_dict(), "predictions": row.predictions, "labels": row.labels}
+
+
+def _write_json(path: Path, obj: object) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj)))
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/results",
+                 protocol: str = "paper-mini", stages: tuple[str, ...] = STAGES, device: str | None = None,
+                 num_workers: int = 0, progress: bool = True) -> Path | None:
+    """Run ``stages`` in order (each resumes its finished units); returns the results file when
+    ``analyze`` ran."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+    ev = Evidence(work, protocol, device, num_workers, progress)
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        started = time.time()
+        if stage == "analyze":
+            from tocom.experiments.evidence_report import analyze
+
+            analyze(ev, Path(out))
+        else:
+            getattr(ev, f"run_{stage}")()
+        print(f"[{stage}] finished in {time.time() - started:.0f} s")
+    return Path(out) / "evidence.json" if "analyze" in stages else None

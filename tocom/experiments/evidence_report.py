@@ -1,0 +1,200 @@
+"""The ``analyze`` stage of the evidence run: endpoints with paired CIs, tables, predictions on disk.
+
+The endpoints are the ones declared in ``docs/results/README.md`` before the run:
+
+1. the plugin's gain at 0 -> 16 (scale picked on val200), pooled over tasks, fine-tuning seeds and
+   plugin seeds;
+2. the same at 16 -> 0;
+3. the mismatch gap at 16 (the model fine-tuned at 16 against the one fine-tuned at 0, both run
+   at 16) and the fraction of it the plugin closes;
+4. PYRA against ToMe + LoRA at the ``high`` schedule (a separate stage; reported as not run until
+   it is).
+
+Every (source, target) pair also gets its pooled gain, at the selected and at the fixed scale,
+with a flag where the plugin loses significantly (CI entirely below 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
+
+from tocom.experiments.evidence import Evidence
+from tocom.finetuned import checkpoint_metadata
+from tocom.report.compare import comparison_table
+from tocom.report.provenance import provenance
+from tocom.report.records import Records, write_records
+from tocom.report.stats import PairedDifference, pooled_difference
+
+
+def _correct(row: dict) -> np.ndarray:
+    return np.asarray(row["predictions"]) == np.asarray(row["labels"])
+
+
+def _test_row(record: dict, plugin_seed: str, target: int, scale: float | None) -> dict:
+    for row in record["plugins"][plugin_seed]["test"]:
+        if row["target"] == target and row["scale"] == scale and row["plugin"] == (scale is not None):
+            return row
+    raise KeyError(f"{record['model']}: no test row for target {target}, scale {scale}")
+
+
+class Analysis:
+    """Correctness arrays of the evidence records, grouped the way the endpoints need them."""
+
+    def __init__(self, ev: Evidence, records: list[dict]):
+        self.ev, self.p = ev, ev.p
+        self.by_unit = {(r["task"], r["source"], r["seed"]): r for r in records}
+
+    def _runs(self, task: str, source: int, target: int, kind: str, per_plugin: bool = True) -> np.ndarray:
+        """``(model seeds x plugin seeds, N)`` correctness; ``kind``: without | selected | fixed.
+
+        Without a plugin the rows repeat per plugin seed (to pair with the plugin rows), unless
+        ``per_plugin`` is False: then one row per model seed.
+        """
+        rows = []
+        plugin_seeds = self.p.plugin_seeds if per_plugin else self.p.plugin_seeds[:1]
+        for seed in self.p.finetune_seeds:
+            record = self.by_unit[(task, source, seed)]
+            for plugin_seed in map(str, plugin_seeds):
+                scale = {"without": None, "fixed": self.p.fixed_scale,
+                         "selected": record["plugins"][plugin_seed]["selected"].get(str(target))}[kind]
+                rows.append(_correct(_test_row(record, plugin_seed, target, scale)))
+        return np.stack(rows)
+
+    def gain(self, source: int, target: int, kind: str = "selected") -> PairedDifference:
+        return pooled_difference([(self._runs(t, source, target, "without"),
+                                   self._runs(t, source, target, kind)) for t in self.p.tasks])
+
+    def gap(self, source: int, target: int) -> PairedDifference:
+        """The model fine-tuned at ``target`` against the one fine-tuned at ``source``, both at ``target``."""
+        return pooled_difference([(self._runs(t, source, target, "without", per_plugin=False),
+                                   self._runs(t, target, target, "without", per_plugin=False))
+                                  for t in self.p.tasks])
+
+    def closure(self, source: int, target: int) -> dict:
+        """Fraction of the gap the plugin closes, with a paired percentile bootstrap over (run, image) cells.
+
+        Cells of all tasks and runs are resampled together (scipy), which ignores that cells share
+        runs: a narrower interval than the seed-aware one of the gain itself.
+        """
+        base, plug, matched = ([], [], [])
+        for t in self.p.tasks:
+            base.append(self._runs(t, source, target, "without").ravel())
+            plug.append(self._runs(t, source, target, "selected").ravel())
+            matched.append(self._runs(t, target, target, "without").ravel())  # rows line up with plug
+        base, plug, matched = (np.concatenate(x).astype(float) for x in (base, plug, matched))
+
+        def fraction(b, p, m, axis=-1):
+            gap = m.mean(axis) - b.mean(axis)
+            return np.where(gap != 0, (p.mean(axis) - b.mean(axis)) / np.where(gap != 0, gap, 1), np.nan)
+
+        point = float(fraction(base, plug, matched))
+        ci = sps.bootstrap((base, plug, matched), fraction, paired=True, vectorized=True, n_resamples=5000,
+                           method="percentile", rng=np.random.default_rng(0)).confidence_interval
+        return {"fraction": point, "ci_low": float(ci.low), "ci_high": float(ci.high),
+                "scheme": "cells (run x image) resampled together, pooled over tasks"}
+
+    def records(self, task: str) -> Records:
+        """Every test prediction of one task, one row per (model seed, source, plugin seed, target, scale)."""
+        runs, labels = [], None
+        for source in self.p.sources:
+            for seed in self.p.finetune_seeds:
+                record = self.by_unit[(task, source, seed)]
+                for plugin_seed, entry in record["plugins"].items():
+                    for row in entry["test"]:
+                        if not row["plugin"] and plugin_seed != str(self.p.plugin_seeds[0]):
+                            continue  # the same model without a plugin, evaluated once per plugin
+                        labels = row["labels"]
+                        config = {"task": task, "source": source, "seed": seed, "target": row["target"],
+                                  "plugin_seed": int(plugin_seed) if row["plugin"] else None,
+                                  "scale": row["scale"],
+                                  "selected": row["plugin"] and entry["selected"].get(str(row["target"]))
+                                  == row["scale"]}
+                        runs.append((config, row["predictions"]))
+        return Records.from_runs(np.arange(len(labels)), labels, runs, source=f"evidence/{task}")
+
+
+def analyze(ev: Evidence, out: Path) -> dict:
+    """Compute the endpoints and tables; write ``evidence.json``, ``evidence.md`` and the predictions."""
+    an = Analysis(ev, ev.load_predictions())
+    lo, hi = min(ev.p.sources), max(ev.p.sources)
+    endpoints = {
+        f"gain {lo}->{hi}": an.gain(lo, hi),
+        f"gain {hi}->{lo}": an.gain(hi, lo),
+        f"mismatch gap at {hi}": an.gap(lo, hi),
+        f"mismatch gap at {lo}": an.gap(hi, lo),
+    }
+    closure = {f"{lo}->{hi}": an.closure(lo, hi), f"{hi}->{lo}": an.closure(hi, lo)}
+    pairs = []
+    for source in ev.p.sources:
+        for target in ev.p.targets:
+            if target == source:
+                continue
+            for kind in ("selected", "fixed"):
+                d = an.gain(source, target, kind)
+                pairs.append({"source": source, "target": target, "scale": kind, **d.as_dict(),
+                              "significant_loss": d.ci_high < 0})
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for task in ev.p.tasks:
+        path = out / f"evidence-{task}.predictions.npz"
+        write_records(path, an.records(task))
+        files.append(path.name)
+    curves = {"finetune": {}, "plugins": {}}
+    for task, source, seed in ev.models():
+        recipe = json.loads(checkpoint_metadata(ev.model_path(task, source, seed)).get("recipe", "{}"))
+        curves["finetune"][f"{task}_r{source}_seed{seed}"] = recipe.get("curve")
+    for seed in ev.p.plugin_seeds:
+        summary = Path(str(ev.plugin_path(seed)) + ".json")
+        curves["plugins"][f"seed{seed}"] = json.loads(summary.read_text()).get("holdout_curve")
+    results = {
+        "experiment": "evidence", "provenance": {**provenance(ev.device), **ev.provenance()},
+        "endpoints": {k: v.as_dict() for k, v in endpoints.items()},
+        "gap_closed": closure,
+        "pyra_vs_tome_lora_high": "not run in this stage",
+        "pairs": pairs, "curves": curves, "predictions": files,
+        "comparisons": [
+            {"name": f"plugin at {s}->{t} (selected scale)",
+             "a": {"source": s, "target": t, "plugin_seed": None},
+             "b": {"source": s, "target": t, "selected": True}, "pair_on": ["task", "seed"]}
+            for s, t in ((lo, hi), (hi, lo))],
+    }
+    (out / "evidence.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "evidence.md").write_text(render(endpoints, closure, pairs, ev))
+    return results
+
+
+def render(endpoints: dict[str, PairedDifference], closure: dict, pairs: list[dict], ev: Evidence) -> str:
+    p = ev.p
+    lines = [
+        "# Evidence: the plugin under the ToCom VTAB protocol (generated by `tocom experiment all`)",
+        "",
+        f"DeiT-Tiny, {p.method} on the frozen backbone ({p.epochs} epochs), tasks {', '.join(p.tasks)}; "
+        f"{len(p.finetune_seeds)} fine-tuning seeds x {len(p.plugin_seeds)} plugin seeds "
+        f"({p.plugin_steps} distillation steps each); test sets in full. Differences are in points "
+        "with paired bootstrap 95% CIs (seeds and images resampled); McNemar p per run.",
+        "",
+        "## Pre-declared endpoints",
+        "",
+        comparison_table(list(endpoints.items())),
+        "",
+        "| gap closed by the plugin | fraction | 95% CI |",
+        "|---|---|---|",
+        *[f"| {k} | {v['fraction']:.2f} | [{v['ci_low']:.2f}, {v['ci_high']:.2f}] |"
+          for k, v in closure.items()],
+        "",
+        "## Every (source, target) pair, pooled over tasks",
+        "",
+        "| source | target | scale | without (%) | with (%) | gain (points) [95% CI] | significant loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in pairs:
+        lines.append(f"| {row['source']} | {row['target']} | {row['scale']} | "
+                     f"{100 * row['accuracy_a']:.1f} | {100 * row['accuracy_b']:.1f} | "
+                     f"{100 * row['difference']:+.2f} "
+                     f"[{100 * row['ci_low']:+.2f}, {100 * row['ci_high']:+.2f}] | "
+                     f"{'yes' if row['significant_loss'] else 'no'} |")
+    return "\n".join(lines) + "\n"
