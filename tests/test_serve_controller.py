@@ -124,3 +124,17 @@ def test_switching_is_atomic_with_forwards():
         stop.set()
         thread.join()
     assert not errors, errors[:5]
+
+
+def test_serve_command_line_checks_flags():
+    from tocom.cli import build_parser
+    from tocom.serve.cli import config_from_args
+
+    args = build_parser().parse_args(["serve", "deit_tiny_patch16_224", "--degrees", "0,8,16",
+                                      "--max-replicas", "3"])
+    config = config_from_args(args)
+    assert config.degrees == (0, 8, 16) and config.max_replicas == 3 and config.host == "127.0.0.1"
+    with pytest.raises(ValueError, match="--replicas <= --max-replicas"):
+        config_from_args(build_parser().parse_args(["serve", "m", "--replicas", "3", "--max-replicas", "2"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--degrees", "0,x"])

@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", default="16")
     p.add_argument("--out", required=True, help="PNG to write")
     p.set_defaults(func=cmd_visualize)
+
+    from tocom.serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

@@ -11,8 +11,9 @@ Routes (relative to the application's route prefix):
 * ``GET /v1/info`` - model, plugin, degrees, SLO, the calibrated latency table, the degree now.
 
 Ray's own backpressure (``max_queued_requests``, requests waiting in the router for a replica)
-answers 503 without ``Retry-After``; Ray 2.60 offers no hook on that response, so replicas are
-given room for that many more requests than they accept and refuse the excess themselves.
+answers 503 without ``Retry-After``, and Ray 2.60 offers no hook on that response. So Ray lets
+``ROUTER_SLACK`` more requests than a replica accepts reach it, and the replica refuses the
+excess itself, with ``Retry-After``; Ray's 503 remains only for requests that find no replica.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tocom.serve.images import BadImage
 from tocom.serve.service import ServeConfig, Service
 
 ROUTES = {"/healthz": ("GET",), "/v1/info": ("GET",), "/v1/classify": ("POST",)}
+ROUTER_SLACK = 64
 LATENCY_BOUNDARIES_MS = [5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000]
 
 
@@ -138,7 +140,7 @@ def deployment_options(config: ServeConfig) -> dict:
     """Ray Serve options of the deployment (replicas, autoscaling, backpressure, CPUs)."""
     options = {
         # Room for the excess, so that replicas refuse it with Retry-After instead of Ray's router.
-        "max_ongoing_requests": config.max_ongoing + config.max_queued,
+        "max_ongoing_requests": config.max_ongoing + ROUTER_SLACK,
         "max_queued_requests": config.max_queued,
         "ray_actor_options": {"num_cpus": config.replica_cpus},
         "health_check_period_s": 5,
