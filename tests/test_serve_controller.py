@@ -138,3 +138,15 @@ def test_serve_command_line_checks_flags():
         config_from_args(build_parser().parse_args(["serve", "m", "--replicas", "3", "--max-replicas", "2"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "m", "--degrees", "0,x"])
+
+
+def test_measured_forwards_scale_the_predictions():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, margin=0.85, smoothing=0.5)
+    assert ctl.choose([0] * 8) == 0  # 82 ms as calibrated
+    for _ in range(10):  # the machine got busy: batches of 8 at r=0 take 1.5x the calibrated 82 ms
+        ctl.observe(0, 8, 123.0)
+    assert ctl.slowdown == pytest.approx(1.5, abs=0.01)
+    assert ctl.choose([0] * 8) == 8  # 8 x 1.5 = 75 ms fits at r=8
+    for _ in range(50):
+        ctl.observe(16, 8, 1e6)
+    assert ctl.slowdown == 4.0  # one pathological stall cannot make predictions absurd

@@ -10,7 +10,10 @@ see :mod:`tocom.serve.calibrate`) and the waits of the requests a replica holds:
   ``margin * slo_ms`` of its arrival;
 * the controller raises the degree at once when the current one does not fit, and lowers it only
   after ``patience`` consecutive batches in which a lower degree fits even ``hysteresis`` below
-  the budget, so that it does not flap around a boundary.
+  the budget, so that it does not flap around a boundary;
+* forwards measured while serving (:meth:`DegreeController.observe`) scale every prediction by how
+  much slower than calibrated the machine runs now (other load, thermal limits), so the table
+  measured once at start-up stays honest.
 """
 
 from __future__ import annotations
@@ -66,16 +69,18 @@ class LatencyTable:
         return cls({int(d): {int(b): float(t) for b, t in row.items()} for d, row in data.items()})
 
 
-def completion_ms(table: LatencyTable, degree: int, waits_ms: Sequence[float], max_batch: int) -> float:
+def completion_ms(table: LatencyTable, degree: int, waits_ms: Sequence[float], max_batch: int,
+                  slowdown: float = 1.0) -> float:
     """Worst predicted time from arrival to answer over requests served FIFO in batches.
 
     ``waits_ms``: how long each held request has waited so far, oldest first; the first
-    ``max_batch`` form the batch about to run, the rest queue behind it.
+    ``max_batch`` form the batch about to run, the rest queue behind it. ``slowdown`` scales the
+    table's compute times.
     """
     worst, elapsed = 0.0, 0.0
     for start in range(0, len(waits_ms), max_batch):
         chunk = waits_ms[start:start + max_batch]
-        elapsed += table.predict(degree, len(chunk))
+        elapsed += slowdown * table.predict(degree, len(chunk))
         worst = max(worst, max(chunk) + elapsed)
     return worst
 
@@ -92,6 +97,7 @@ class DegreeController:
         hysteresis: a lower degree must fit within ``(1 - hysteresis)`` of the budget to count
             towards stepping down.
         patience: consecutive batches a lower degree must fit before the controller steps down.
+        smoothing: weight of the newest measured forward in the running ``slowdown`` estimate.
     """
 
     table: LatencyTable
@@ -100,7 +106,9 @@ class DegreeController:
     margin: float = 0.85
     hysteresis: float = 0.25
     patience: int = 3
+    smoothing: float = 0.2
     degree: int = field(default=-1)
+    slowdown: float = field(default=1.0)
     _streak: int = field(default=0, repr=False)
     _candidate: int = field(default=0, repr=False)
 
@@ -115,7 +123,7 @@ class DegreeController:
     def least_fitting(self, waits_ms: Sequence[float], budget_ms: float) -> int:
         """The smallest degree whose predicted completion is within ``budget_ms`` (else the largest)."""
         for degree in self.table.degrees:
-            if completion_ms(self.table, degree, waits_ms, self.max_batch) <= budget_ms:
+            if completion_ms(self.table, degree, waits_ms, self.max_batch, self.slowdown) <= budget_ms:
                 return degree
         return self.table.degrees[-1]
 
@@ -140,8 +148,14 @@ class DegreeController:
             self._streak = 0
         return self.degree
 
+    def observe(self, degree: int, batch_size: int, ms: float) -> None:
+        """Fold a measured forward into ``slowdown`` (measured / calibrated, kept within 0.5..4)."""
+        ratio = ms / self.table.predict(degree, batch_size)
+        estimate = (1 - self.smoothing) * self.slowdown + self.smoothing * ratio
+        self.slowdown = min(4.0, max(0.5, estimate))
+
     def retry_after_s(self, held: int) -> int:
         """Whole seconds until ``held`` requests drain at the fastest degree (at least 1)."""
         fastest = min(self.table.degrees, key=lambda d: self.table.predict(d, self.max_batch))
         batches = math.ceil(held / self.max_batch)
-        return max(1, math.ceil(batches * self.table.predict(fastest, self.max_batch) / 1000))
+        return max(1, math.ceil(batches * self.slowdown * self.table.predict(fastest, self.max_batch) / 1000))

@@ -107,6 +107,7 @@ class Service:
         start = time.perf_counter()
         probs = self.elastic.run(torch.stack(list(images)), degree)
         compute_ms = (time.perf_counter() - start) * 1000
+        self.controller.observe(degree, len(images), compute_ms)
         out = []
         for p, k in zip(probs, top_k):
             values, indices = p.topk(min(k, p.numel()))
@@ -123,6 +124,7 @@ class Service:
         gflops = {str(d): round(g, 4) for d, g in self.elastic.gflops.items()}
         return {"model": c.model, "checkpoint": c.checkpoint, "plugin": c.plugin,
                 "source": self.elastic.source, "degrees": self.elastic.degrees, "degree": self.elastic.degree,
+                "slowdown": round(self.controller.slowdown, 3),
                 "slo_ms": c.slo_ms, "max_batch": c.max_batch, "gflops": gflops,
                 "latency_ms": self.table.to_json(), "calibration": self.calibration,
                 "classes": self.classes, "num_classes": self.num_classes,
