@@ -244,7 +244,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from tocom.serve.app import build_app, start_ray
+    from tocom.serve.app import build_app, start_ray, start_serve
     from tocom.serve.service import ServeConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="tocom-serve-load-")
@@ -259,7 +259,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start_ray(None, num_cpus=2)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     url = f"http://127.0.0.1:{port}"
     result: dict = {"smoke": args.smoke, "model": model, "checkpoint": checkpoint, "plugin": plugin,
                     "commit": commit(), "machine": {"node": platform.node(), "cpus": os.cpu_count()},

@@ -47,7 +47,7 @@ def service(tmp_path_factory):
     from ray import serve
 
     from tocom.models.loading import save_model
-    from tocom.serve.app import build_app
+    from tocom.serve.app import build_app, start_serve
     from tocom.serve.service import ServeConfig
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -66,7 +66,7 @@ def service(tmp_path_factory):
                          max_body_mb=0.05, port=port)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         serve.run(build_app(config), name="tiny", route_prefix="/")
         yield {"port": port, "config": config}
     finally:
@@ -180,3 +180,16 @@ def test_burst_past_the_limit_gets_503_then_service_recovers(service):
     status, _, body = request(port, "POST", "/v1/classify", data)
     assert status == 200
     check_answer(config, data, json.loads(body))
+
+
+def test_deployment_options_turn_on_autoscaling_past_replicas():
+    from tocom.serve.app import ROUTER_SLACK, deployment_options
+    from tocom.serve.service import ServeConfig
+
+    fixed = deployment_options(ServeConfig(model=NAME, replicas=2, max_ongoing=10))
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["max_ongoing_requests"] == 10 + ROUTER_SLACK
+    scaled = deployment_options(ServeConfig(model=NAME, replicas=1, max_replicas=4))
+    assert "num_replicas" not in scaled
+    autoscaling = scaled["autoscaling_config"]
+    assert autoscaling["min_replicas"] == 1 and autoscaling["max_replicas"] == 4

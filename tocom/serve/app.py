@@ -144,6 +144,8 @@ def deployment_options(config: ServeConfig) -> dict:
         "max_queued_requests": config.max_queued,
         "ray_actor_options": {"num_cpus": config.replica_cpus},
         "health_check_period_s": 5,
+        # Ray logs a line per request to files unless told not to; requests write nothing by default.
+        "logging_config": {"enable_access_log": config.access_log},
     }
     if config.max_replicas > config.replicas:
         options["autoscaling_config"] = {
@@ -175,10 +177,15 @@ def start_ray(address: str | None, num_cpus: float | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
+def start_serve(host: str, port: int, access_log: bool = False) -> None:
+    """Start Serve's HTTP proxy on ``host:port`` (a Serve already running keeps its own options)."""
+    serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": access_log})
+
+
 def deploy(config: ServeConfig, address: str | None = None, num_cpus: float | None = None) -> str:
     """Start (or join) Ray and Serve, deploy ``config``; returns the base URL (blocks until ready)."""
     start_ray(address, num_cpus)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    start_serve(config.host, config.port, config.access_log)
     serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)
     prefix = "" if config.route_prefix == "/" else config.route_prefix
     return f"http://{config.host}:{config.port}{prefix}"

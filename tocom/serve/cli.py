@@ -48,6 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--classes", help="text file of class names, one per line, in label order")
     p.add_argument("--max-body-mb", type=float, default=10.0)
     p.add_argument("--top-k", type=int, default=5, help="default k of /v1/classify")
+    p.add_argument("--access-log", action="store_true", help="let Ray log a line per request")
     p.add_argument("--recalibrate", action="store_true", help="measure latencies again instead of the cache")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the service)")
     p.add_argument("--port", type=int, default=8000)
@@ -72,8 +73,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_ongoing=args.max_ongoing,
         max_queued=args.max_queued, replicas=args.replicas, max_replicas=max_replicas,
         replica_cpus=args.replica_cpus, threads=args.threads, device=args.device, classes=args.classes,
-        max_body_mb=args.max_body_mb, top_k=args.top_k, recalibrate=args.recalibrate, host=args.host,
-        port=args.port, route_prefix=args.route_prefix)
+        max_body_mb=args.max_body_mb, top_k=args.top_k, recalibrate=args.recalibrate,
+        access_log=args.access_log, host=args.host, port=args.port, route_prefix=args.route_prefix)
 
 
 def run(args: argparse.Namespace) -> None:

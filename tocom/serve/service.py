@@ -44,6 +44,7 @@ class ServeConfig:
     max_body_mb: float = 10.0
     top_k: int = 5
     recalibrate: bool = False
+    access_log: bool = False  # Ray's per-request log lines (files under Ray's session folder)
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
