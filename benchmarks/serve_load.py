@@ -248,8 +248,10 @@ def main() -> None:
     from tocom.serve.service import ServeConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="tocom-serve-load-")
-    model, checkpoint, plugin = (smoke_assets(Path(tmp.name)) if args.smoke
-                                 else (args.model, args.checkpoint, args.plugin))
+    if args.smoke:
+        model, checkpoint, plugin = smoke_assets(Path(tmp.name))
+    else:  # replicas are other processes: absolute paths
+        model, checkpoint, plugin = args.model, os.path.abspath(args.checkpoint), os.path.abspath(args.plugin)
     requests = load_requests(args.data, args.images, args.smoke)
     degrees = tuple(int(d) for d in args.degrees.split(","))
     base = ServeConfig(model=model, checkpoint=checkpoint, max_batch=args.max_batch, batch_wait_ms=5,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import threading
 
@@ -67,14 +68,17 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("need --max-batch >= 1, --max-ongoing >= 1 and --max-queued >= 0")
     if args.slo_ms <= 0 or args.max_body_mb <= 0:
         raise ValueError("need --slo-ms > 0 and --max-body-mb > 0")
+    # Replicas run in other processes (other machines on a cluster): hand them absolute paths.
+    absolute = lambda path: os.path.abspath(path) if path else None
     return ServeConfig(
-        model=args.model, checkpoint=args.checkpoint, plugin=args.plugin, source=args.source,
-        degrees=tuple(args.degrees), fixed_degree=args.fixed_degree, scale=args.scale, slo_ms=args.slo_ms,
-        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_ongoing=args.max_ongoing,
-        max_queued=args.max_queued, replicas=args.replicas, max_replicas=max_replicas,
-        replica_cpus=args.replica_cpus, threads=args.threads, device=args.device, classes=args.classes,
-        max_body_mb=args.max_body_mb, top_k=args.top_k, recalibrate=args.recalibrate,
-        access_log=args.access_log, host=args.host, port=args.port, route_prefix=args.route_prefix)
+        model=args.model, checkpoint=absolute(args.checkpoint), plugin=absolute(args.plugin),
+        source=args.source, degrees=tuple(args.degrees), fixed_degree=args.fixed_degree, scale=args.scale,
+        slo_ms=args.slo_ms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        max_ongoing=args.max_ongoing, max_queued=args.max_queued, replicas=args.replicas,
+        max_replicas=max_replicas, replica_cpus=args.replica_cpus, threads=args.threads, device=args.device,
+        classes=absolute(args.classes), max_body_mb=args.max_body_mb, top_k=args.top_k,
+        recalibrate=args.recalibrate, access_log=args.access_log, host=args.host, port=args.port,
+        route_prefix=args.route_prefix)
 
 
 def run(args: argparse.Namespace) -> None:
