@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from tocom.compress import parse_schedule
 from tocom.models import dims_of, patch, unpatch
 from tocom.report.cli import add_parser as add_report_parser
+from tocom.serve.cli import add_parser as add_serve_parser
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write")
     p.set_defaults(func=cmd_visualize)
     add_report_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

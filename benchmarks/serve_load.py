@@ -1,0 +1,320 @@
+"""Load benchmark of ``tocom serve``: fixed r=0, fixed r=16 and elastic under open-loop Poisson load.
+
+All three services serve the same CIFAR-10 DeiT-Tiny fine-tuned at r=0, side by side in one local
+Ray Serve instance on loopback; elastic adds the shipped plugin. Each is loaded in turn (never two
+at once, so they do not share the CPU) at 0.5x, 1x, 1.5x and 2x the measured capacity of fixed
+r=0, with labelled CIFAR-10 test images sent over HTTP. Bounded in requests and time; stops by
+itself. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``.
+
+Make the checkpoint first (VTAB-1k CIFAR-10, fine-tuned at r=0):
+
+    tocom finetune deit_tiny_patch16_224 --checkpoint ../shared/weights/deit_tiny_patch16_224.safetensors \\
+        --data ../shared/data/vtab-1k/cifar10 --r 0 --out runs/cifar10_r0.safetensors
+
+then, on a quiet machine:
+
+    python benchmarks/serve_load.py --checkpoint runs/cifar10_r0.safetensors
+
+``--smoke`` runs the whole pipeline on a tiny random-weight ViT in under a minute (its numbers
+mean nothing; it writes to runs/serve_smoke/ unless --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+LOADS = (0.5, 1.0, 1.5, 2.0)
+SERVICES = ("fixed r=0", "fixed r=16", "elastic")
+
+
+def parse_args() -> argparse.Namespace:
+    root = Path(__file__).resolve().parents[1]
+    shared = Path(os.environ.get("TOCOM_SHARED", root.parent / "shared"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_tiny_patch16_224")
+    p.add_argument("--checkpoint", help="CIFAR-10 checkpoint fine-tuned at r=0 (required unless --smoke)")
+    p.add_argument("--plugin", default=str(root / "plugins" / "deit_tiny_patch16_224.tocom.safetensors"))
+    p.add_argument("--data", default=str(shared / "data" / "vtab-1k" / "cifar10"))
+    p.add_argument("--degrees", default="0,4,8,12,16", help="elastic's degrees")
+    p.add_argument("--slo-ms", type=float, help="default: --slo-factor x r=0 latency of a full batch")
+    p.add_argument("--slo-factor", type=float, default=2.5)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-ongoing", type=int, default=24, help="requests a replica holds before 503")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per replica")
+    p.add_argument("--loads", default=",".join(map(str, LOADS)), help="multiples of r=0 capacity")
+    p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per step")
+    p.add_argument("--capacity-s", type=float, default=15.0, help="closed-loop time to measure capacity")
+    p.add_argument("--max-requests", type=int, default=3000, help="cap on the requests of one step")
+    p.add_argument("--images", type=int, default=2000, help="test images used (cycled)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output path without suffix (default docs/results/serving)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, seconds per step")
+    args = p.parse_args()
+    if args.smoke:
+        args.duration_s, args.capacity_s = min(args.duration_s, 2.0), min(args.capacity_s, 2.0)
+        args.max_requests, args.images, args.threads = min(args.max_requests, 150), min(args.images, 64), 1
+        args.slo_ms = args.slo_ms or 150.0  # the tiny model's compute is far below HTTP's own cost
+    elif not args.checkpoint:
+        p.error("--checkpoint is required (see the docstring for how to make one), or pass --smoke")
+    args.out = Path(args.out or root / ("runs/serve_smoke/serving" if args.smoke else "docs/results/serving"))
+    return args
+
+
+def smoke_assets(folder: Path) -> tuple[str, str, str]:
+    """A tiny random ViT checkpoint (10 classes) and a random plugin for it."""
+    import timm
+    import torch
+
+    from tocom.compensator import Compensator
+    from tocom.models.loading import save_model
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64, patch_size=8, depth=4, embed_dim=64, num_heads=4, num_classes=10)
+    model = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    save_model(model, folder / "tiny.safetensors", "vit_tiny_patch16_224", kwargs)
+    plugin = Compensator.init_for(model, groups=16)
+    torch.nn.init.normal_(plugin.B, std=0.02)
+    plugin.save(folder / "tiny.tocom.safetensors")
+    return "vit_tiny_patch16_224", str(folder / "tiny.safetensors"), str(folder / "tiny.tocom.safetensors")
+
+
+def load_requests(data: str, n: int, smoke: bool) -> list[tuple[bytes, int]]:
+    """(file bytes, label) of the first ``n`` test images (random PNGs in smoke mode without data)."""
+    from tocom.data import VTAB1k
+
+    if Path(data).is_dir():
+        samples = VTAB1k(data, "test").samples[:n]
+        return [(path.read_bytes(), label) for path, label in samples]
+    if not smoke:
+        raise FileNotFoundError(f"CIFAR-10 folder {data} not found; pass --data or set TOCOM_SHARED")
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+        out.append((buf.getvalue(), i % 10))
+    return out
+
+
+async def post(session, url: str, body: bytes) -> tuple[int, float, dict | None]:
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=body) as response:
+            payload = await response.read()
+            status = response.status
+    except Exception:  # a refused or dropped connection counts as a failed request
+        return 0, (time.perf_counter() - start) * 1000, None
+    ms = (time.perf_counter() - start) * 1000
+    return status, ms, json.loads(payload) if status == 200 else None
+
+
+async def closed_loop(url: str, requests, concurrency: int, seconds: float) -> float:
+    """Answered requests per second with ``concurrency`` clients sending back to back."""
+    import aiohttp
+
+    done, stop = 0, time.perf_counter() + seconds
+
+    async def client(i: int, session) -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            status, _, _ = await post(session, url, requests[(i * 7919 + done) % len(requests)][0])
+            done += status == 200
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(client(i, session) for i in range(concurrency)))  # warm-up
+        done, stop = 0, time.perf_counter() + seconds
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
+        return done / (time.perf_counter() - start)
+
+
+async def open_loop(url: str, requests, rate: float, seconds: float, max_requests: int, seed: int
+                    ) -> list[dict]:
+    """Poisson arrivals at ``rate``/s for ``seconds`` (at most ``max_requests``); a record per request."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    arrivals, t = [], rng.expovariate(rate)
+    while t < seconds and len(arrivals) < max_requests:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    order = [rng.randrange(len(requests)) for _ in arrivals]
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        start = time.perf_counter()
+        tasks = []
+        for at, index in zip(arrivals, order):
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(post(session, url, requests[index][0])))
+        results = await asyncio.gather(*tasks)
+    records = []
+    for (status, ms, answer), index in zip(results, order):
+        top = answer["predictions"][0]["index"] if answer else None
+        records.append({"status": status, "ms": ms, "correct": top == requests[index][1],
+                        "degree": answer["degree"] if answer else None})
+    return records
+
+
+def summarize(records: list[dict], slo_ms: float, seconds: float) -> dict:
+    answered = [r for r in records if r["status"] == 200]
+    ms = np.array([r["ms"] for r in answered]) if answered else np.array([np.nan])
+    met = sum(r["ms"] <= slo_ms for r in answered)
+    degrees: dict[str, int] = {}
+    for r in answered:
+        degrees[str(r["degree"])] = degrees.get(str(r["degree"]), 0) + 1
+    return {"requests": len(records), "answered": len(answered),
+            "rejected_503": sum(r["status"] == 503 for r in records),
+            "failed": sum(r["status"] not in (200, 503) for r in records),
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "slo_attainment": met / max(1, len(records)),  # over all offered requests: a 503 misses
+            "goodput_rps": met / seconds,
+            "accuracy": sum(r["correct"] for r in answered) / max(1, len(answered)),
+            "degrees": dict(sorted(degrees.items(), key=lambda kv: int(kv[0])))}
+
+
+def commit() -> str:
+    try:
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    steps = result["steps"]
+    smoke = " (SMOKE: tiny random model, numbers mean nothing)" if result["smoke"] else ""
+    lines = [f"# Serving under load{smoke}",
+             "", f"Model `{result['model']}`, SLO {result['slo_ms']:.0f} ms, r=0 capacity "
+             f"{result['capacity_rps']:.1f} req/s, max batch {result['max_batch']}, "
+             f"commit `{result['commit']}`.",
+             "SLO attainment and goodput count every offered request (a 503 is a miss).", "",
+             "| load | service | req/s | p50 ms | p95 ms | p99 ms | SLO met | goodput/s | 503 | accuracy "
+             "| degrees |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in steps:
+        degrees = " ".join(f"{d}:{n}" for d, n in s["degrees"].items())
+        lines.append(f"| {s['load']}x | {s['service']} | {s['rate_rps']:.1f} | {s['p50_ms']:.0f} "
+                     f"| {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {100 * s['slo_attainment']:.1f}% "
+                     f"| {s['goodput_rps']:.1f} "
+                     f"| {s['rejected_503']} | {100 * s['accuracy']:.2f}% | {degrees} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in SERVICES:
+        rows = [s for s in steps if s["service"] == name]
+        loads = [s["load"] for s in rows]
+        ax_lat.plot(loads, [s["p95_ms"] for s in rows], marker="o", label=name)
+        ax_acc.plot(loads, [100 * s["accuracy"] for s in rows], marker="o", label=name)
+    ax_lat.axhline(result["slo_ms"], color="grey", linestyle="--", label="SLO")
+    ax_lat.set(xlabel="load (x r=0 capacity)", ylabel="p95 latency (ms)", yscale="log")
+    ax_acc.set(xlabel="load (x r=0 capacity)", ylabel="accuracy of answered requests (%)")
+    ax_lat.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    import ray
+    from ray import serve
+
+    from tocom.serve.app import build_app, start_ray, start_serve
+    from tocom.serve.service import ServeConfig
+
+    tmp = tempfile.TemporaryDirectory(prefix="tocom-serve-load-")
+    if args.smoke:
+        model, checkpoint, plugin = smoke_assets(Path(tmp.name))
+    else:  # replicas are other processes: absolute paths
+        model, checkpoint, plugin = args.model, os.path.abspath(args.checkpoint), os.path.abspath(args.plugin)
+    requests = load_requests(args.data, args.images, args.smoke)
+    degrees = tuple(int(d) for d in args.degrees.split(","))
+    base = ServeConfig(model=model, checkpoint=checkpoint, max_batch=args.max_batch, batch_wait_ms=5,
+                       max_ongoing=args.max_ongoing, max_queued=64, replica_cpus=0.5, threads=args.threads,
+                       slo_ms=args.slo_ms or 1000.0, max_body_mb=1)
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_ray(None, num_cpus=2)
+    start_serve("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    result: dict = {"smoke": args.smoke, "model": model, "checkpoint": checkpoint, "plugin": plugin,
+                    "commit": commit(), "machine": {"node": platform.node(), "cpus": os.cpu_count()},
+                    "ray": ray.__version__, "threads": args.threads, "max_batch": args.max_batch,
+                    "max_ongoing": args.max_ongoing, "duration_s": args.duration_s, "steps": []}
+    try:
+        prefixes = {"fixed r=0": "/fixed0", "fixed r=16": "/fixed16", "elastic": "/elastic"}
+        fixed0 = lambda slo: build_app(replace(base, fixed_degree=0, slo_ms=slo))
+        serve.run(fixed0(base.slo_ms), name="fixed0", route_prefix="/fixed0")
+        info = json.loads(_get(f"{url}/fixed0/v1/info"))
+        slo = args.slo_ms or args.slo_factor * info["latency_ms"]["0"][str(args.max_batch)]
+        if not args.slo_ms:  # again with the SLO it reports (calibration comes from the cache)
+            serve.run(fixed0(slo), name="fixed0", route_prefix="/fixed0")
+        serve.run(build_app(replace(base, fixed_degree=16, slo_ms=slo)), name="fixed16",
+                  route_prefix="/fixed16")
+        serve.run(build_app(replace(base, plugin=plugin, source=0, degrees=degrees, slo_ms=slo)),
+                  name="elastic", route_prefix="/elastic")
+        result["slo_ms"] = slo
+        result["calibration"] = {n: json.loads(_get(f"{url}{p}/v1/info"))["latency_ms"]
+                                 for n, p in prefixes.items()}
+        for prefix in prefixes.values():  # warm every replica (and the proxy's route to it) alike
+            asyncio.run(closed_loop(f"{url}{prefix}/v1/classify", requests, args.max_batch, 1.0))
+        capacity = asyncio.run(closed_loop(f"{url}/fixed0/v1/classify", requests, 2 * args.max_batch,
+                                           args.capacity_s))
+        result["capacity_rps"] = capacity
+        print(f"SLO {slo:.0f} ms, r=0 capacity {capacity:.1f} req/s", flush=True)
+        for load in (float(x) for x in args.loads.split(",")):
+            for step, name in enumerate(SERVICES):
+                records = asyncio.run(open_loop(f"{url}{prefixes[name]}/v1/classify", requests,
+                                                load * capacity, args.duration_s, args.max_requests,
+                                                args.seed + int(10 * load)))
+                row = {"load": load, "service": name, "rate_rps": load * capacity,
+                       **summarize(records, slo, args.duration_s)}
+                result["steps"].append(row)
+                print(f"{load}x {name}: p95 {row['p95_ms']:.0f} ms, "
+                      f"SLO met {100 * row['slo_attainment']:.1f}%, 503 {row['rejected_503']}, "
+                      f"acc {100 * row['accuracy']:.1f}%, degrees {row['degrees']}",
+                      flush=True)
+                time.sleep(1.0 if step < 2 else 0.0)  # let the previous service's stragglers finish
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+    write_outputs(args.out, result)
+    print(f"wrote {args.out.with_suffix('.json')}, .md and .png")
+
+
+def _get(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Layer 8 without Ray: latency tables, the degree controller, calibration cache, atomic switching."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_vit
+from test_compensator import random_plugin
+
+import tocom
+from tocom.models import is_patched
+from tocom.serve import DegreeController, ElasticModel, LatencyTable, calibrate, completion_ms
+
+# Per-batch ms: linear in batch size; r=0 costs 10 ms/image, r=8 6 ms, r=16 3 ms (+2 ms fixed).
+TABLE = LatencyTable({d: {b: 2 + c * b for b in (1, 2, 4, 8)} for d, c in ((0, 10), (8, 6), (16, 3))})
+
+
+def test_table_interpolates_and_extrapolates():
+    assert TABLE.predict(0, 4) == 42
+    assert TABLE.predict(0, 3) == pytest.approx((22 + 42) / 2)  # between 2 and 4
+    assert TABLE.predict(0, 16) == pytest.approx(82 * 2)  # per-image cost of the largest
+    assert LatencyTable.from_json(TABLE.to_json()).ms == TABLE.ms
+    with pytest.raises(ValueError, match="degree 4 was not calibrated"):
+        TABLE.predict(4, 1)
+
+
+def test_completion_serves_fifo_batches():
+    # Batches of 2: the first (waits 30, 20) ends at 22 ms, the second (10) 12 ms later.
+    assert completion_ms(TABLE, 0, [30, 20, 10], max_batch=2) == max(30 + 22, 10 + 22 + 12)
+    assert completion_ms(TABLE, 0, [5, 5, 5, 5, 50], max_batch=4) == 50 + 42 + 12
+
+
+@pytest.mark.parametrize("waits, expected", [
+    ([0], 0),  # idle: full accuracy
+    ([0] * 8, 0),  # one full batch: 82 ms, within 85 ms
+    ([30] * 8, 8),  # the same batch after a 30 ms wait: r=0 ends at 112 ms, r=8 at 80 ms
+    ([0] * 12, 8),  # a batch of 8 and one of 4: 124 ms at r=0, 76 ms at r=8
+    ([0] * 24, 16),  # three batches: only r=16 (78 ms) fits
+    ([90], 16),  # already past the budget: nothing fits, so the fastest
+])
+def test_least_degree_within_slo(waits, expected):
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, margin=0.85)
+    assert ctl.choose(waits) == expected
+
+
+def test_hysteresis_steps_up_at_once_and_down_after_patience():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, margin=0.85, hysteresis=0.25, patience=3)
+    assert ctl.choose([0] * 24) == 16  # rush: straight to the top
+    # 8 requests: r=0 fits the budget (82 <= 85) but not the hysteresis band (63.75): stay at r=16
+    # while r=8 (50 ms) fits the band for 3 batches, then step down to r=8, never below.
+    trace = [ctl.choose([0] * 8) for _ in range(7)]
+    assert trace == [16, 16, 8, 8, 8, 8, 8]
+    assert [ctl.choose([0]) for _ in range(4)] == [8, 8, 0, 0]  # idle: back to full accuracy
+    # An interrupted streak starts again.
+    ctl.choose([0] * 24)
+    assert [ctl.choose(w) for w in ([0], [0], [0] * 24, [0], [0], [0])] == [16, 16, 16, 16, 16, 0]
+
+
+def test_no_flapping_on_a_noisy_boundary():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, margin=0.85)
+    sizes = [8, 9, 8, 9, 7, 9, 8, 9, 8, 9] * 3  # 8 fits r=0 barely, 9 does not
+    degrees = [ctl.choose([0] * n) for n in sizes]
+    changes = sum(a != b for a, b in zip(degrees, degrees[1:]))
+    assert changes <= 1, degrees
+    undamped = [DegreeController(TABLE, 100, 8, hysteresis=0.0, patience=1).least_fitting([0] * n, 85)
+                for n in sizes]
+    assert sum(a != b for a, b in zip(undamped, undamped[1:])) > 10  # the trace does cross the boundary
+
+
+def test_retry_after_counts_batches_at_the_fastest_degree():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8)
+    assert ctl.retry_after_s(8) == 1
+    assert ctl.retry_after_s(8 * 50) == 2  # 50 batches of 26 ms
+
+
+def test_calibration_is_cached_per_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOCOM_CACHE", str(tmp_path))
+    model = tocom.patch(tiny_vit(), "tome")
+    table, info = calibrate(model, (0, 2), max_batch=2, rounds=1)
+    assert not info["cached"] and table.degrees == [0, 2] and sorted(table.ms[0]) == [1, 2]
+    again, info2 = calibrate(model, (0, 2), max_batch=2, rounds=1)
+    assert info2["cached"] and info2["path"] == info["path"] and again.ms == table.ms
+    _, other = calibrate(tocom.patch(tiny_vit(depth=2), "tome"), (0, 2), max_batch=2, rounds=1)
+    assert other["path"] != info["path"] and not other["cached"]
+
+
+def test_degree_for_latency(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOCOM_CACHE", str(tmp_path))
+    model = tiny_vit()
+    assert tocom.degree_for_latency(model, 1e6, batch_size=2, degrees=(0, 2, 4)) == 0
+    assert not is_patched(model)  # calibrated on a copy
+    with pytest.raises(ValueError, match="no degree in"):
+        tocom.degree_for_latency(model, 1e-6, batch_size=2, degrees=(0, 2, 4))
+
+
+def test_switching_is_atomic_with_forwards():
+    model = tiny_vit()
+    plugin = random_plugin(model, groups=4)
+    torch.nn.init.normal_(plugin.B, std=0.5)  # large deltas: a half-switched forward would show
+    degrees = [0, 2, 4]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    elastic = ElasticModel(model, degrees, plugin)
+    reference = {d: elastic.run(x, d) for d in degrees}  # pure-degree outputs, no concurrency yet
+    assert not torch.allclose(reference[0], reference[4], atol=1e-3)
+    stop, errors = threading.Event(), []
+
+    def switcher():
+        i = 0
+        while not stop.is_set():
+            elastic.switch(degrees[i % 3])
+            i += 1
+
+    thread = threading.Thread(target=switcher)
+    thread.start()
+    try:
+        for i in range(60):
+            d = degrees[(i * 7) % 3]
+            out = elastic.run(x, d)
+            if not torch.allclose(out, reference[d], rtol=0, atol=1e-6):
+                errors.append((i, d, (out - reference[d]).abs().max().item()))
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:5]
+
+
+def test_serve_command_line_checks_flags():
+    from tocom.cli import build_parser
+    from tocom.serve.cli import config_from_args
+
+    args = build_parser().parse_args(["serve", "deit_tiny_patch16_224", "--degrees", "0,8,16",
+                                      "--max-replicas", "3"])
+    config = config_from_args(args)
+    assert config.degrees == (0, 8, 16) and config.max_replicas == 3 and config.host == "127.0.0.1"
+    with pytest.raises(ValueError, match="--replicas <= --max-replicas"):
+        config_from_args(build_parser().parse_args(["serve", "m", "--replicas", "3", "--max-replicas", "2"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--degrees", "0,x"])
+
+
+def test_measured_forwards_scale_the_predictions():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, margin=0.85, smoothing=0.5)
+    assert ctl.choose([0] * 8) == 0  # 82 ms as calibrated
+    for _ in range(10):  # the machine got busy: batches of 8 at r=0 take 1.5x the calibrated 82 ms
+        ctl.observe(0, 8, 123.0)
+    assert ctl.slowdown == pytest.approx(1.5, abs=0.01)
+    assert ctl.choose([0] * 8) == 8  # 8 x 1.5 = 75 ms fits at r=8
+    for _ in range(50):
+        ctl.observe(16, 8, 1e6)
+    assert ctl.slowdown == 4.0  # one pathological stall cannot make predictions absurd

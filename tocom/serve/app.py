@@ -1,0 +1,197 @@
+"""The Ray Serve deployment of ``tocom serve``: HTTP routes, dynamic batching, admission and metrics.
+
+Routes (relative to the application's route prefix):
+
+* ``POST /v1/classify?k=5`` - body: the raw bytes of a JPEG, PNG or WebP image. Answers
+  ``{"predictions": [{"index", "label", "probability"}...], "degree", "gflops", "batch_size",
+  "queue_ms", "compute_ms", "total_ms"}``; 400 with the reason for undecodable bodies or a bad
+  ``k``; 413 over the body limit; 503 with ``Retry-After`` when the replica already holds
+  ``max_ongoing`` requests.
+* ``GET /healthz`` - ``{"status": "ok"}``.
+* ``GET /v1/info`` - model, plugin, degrees, SLO, the calibrated latency table, the degree now.
+
+Ray's own backpressure (``max_queued_requests``, requests waiting in the router for a replica)
+answers 503 without ``Retry-After``, and Ray 2.60 offers no hook on that response. So Ray lets
+``ROUTER_SLACK`` more requests than a replica accepts reach it, and the replica refuses the
+excess itself, with ``Retry-After``; Ray's 503 remains only for requests that find no replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from dataclasses import replace
+
+import ray
+from ray import serve
+from ray.serve import metrics
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tocom.serve.images import BadImage
+from tocom.serve.service import ServeConfig, Service
+
+ROUTES = {"/healthz": ("GET",), "/v1/info": ("GET",), "/v1/classify": ("POST",)}
+ROUTER_SLACK = 64
+LATENCY_BOUNDARIES_MS = [5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000]
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+class TocomReplica:
+    """One replica: a :class:`~tocom.serve.service.Service` behind HTTP (see :func:`build_app`)."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.service = Service(config)
+        self.batched.set_max_batch_size(config.max_batch)
+        self.batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        self._held: dict[int, float] = {}  # request id -> arrival (perf_counter) of requests accepted here
+        self._ids = itertools.count()
+        self._requests = metrics.Counter("tocom_requests", "classify requests by HTTP status",
+                                         tag_keys=("status",))
+        self._degrees = metrics.Counter("tocom_batches", "batches by the degree they ran at",
+                                        tag_keys=("degree",))
+        self._slo = metrics.Counter("tocom_slo", "answered requests by whether they met the SLO",
+                                    tag_keys=("met",))
+        self._latency = metrics.Histogram("tocom_latency_ms", "arrival at the replica to answer",
+                                          boundaries=LATENCY_BOUNDARIES_MS)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.scope["path"]
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        path = path.rstrip("/") or "/"
+        if path not in ROUTES:
+            return _error(404, f"no route {path}; routes: {', '.join(sorted(ROUTES))}")
+        if request.method not in ROUTES[path]:
+            return _error(405, f"{path} accepts {', '.join(ROUTES[path])}", allow=", ".join(ROUTES[path]))
+        if path == "/healthz":
+            return JSONResponse({"status": "ok"})
+        if path == "/v1/info":
+            return JSONResponse(self.service.info())
+        response = await self._classify(request)
+        self._requests.inc(tags={"status": str(response.status_code)})
+        return response
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None when it is over the limit (read no further than the limit)."""
+        limit = int(self.config.max_body_mb * 2**20)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _classify(self, request: Request) -> Response:
+        if len(self._held) >= self.config.max_ongoing:
+            retry = self.service.controller.retry_after_s(len(self._held))
+            return _error(503, f"overloaded: this replica holds {len(self._held)} requests; retry later",
+                          **{"retry-after": str(retry)})
+        arrival = time.perf_counter()
+        rid = next(self._ids)
+        self._held[rid] = arrival
+        try:
+            k = request.query_params.get("k", str(self.config.top_k))
+            num_classes = self.service.num_classes
+            if not k.isdigit() or not 1 <= int(k) <= num_classes:
+                return _error(400, f"k must be an integer from 1 to {num_classes}, got {k!r}")
+            body = await self._read_body(request)
+            if body is None:
+                limit = self.config.max_body_mb
+                return _error(413, f"body over the {limit:g} MB limit; send a smaller image")
+            try:
+                image = await asyncio.to_thread(self.service.preprocess, body)
+            except BadImage as err:
+                return _error(400, str(err))
+            result = await self.batched((image, arrival, int(k)))
+        finally:
+            del self._held[rid]
+        total_ms = (time.perf_counter() - arrival) * 1000
+        result["total_ms"] = round(total_ms, 3)
+        self._latency.observe(total_ms)
+        self._slo.inc(tags={"met": str(total_ms <= self.config.slo_ms).lower()})
+        return JSONResponse(result)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def batched(self, items: list[tuple]) -> list[dict]:
+        """A batch of ``(image (3, H, W), arrival, k)``; the sizes are set per deployment in ``__init__``."""
+        start = time.perf_counter()
+        waits = [(start - t) * 1000 for t in self._held.values()]
+        images, arrivals, ks = zip(*items)
+        results = await asyncio.to_thread(self.service.classify, images, waits, ks)
+        self._degrees.inc(tags={"degree": str(results[0]["degree"])})
+        for result, arrival in zip(results, arrivals):
+            result["queue_ms"] = round((start - arrival) * 1000, 3)
+        return results
+
+
+def deployment_options(config: ServeConfig) -> dict:
+    """Ray Serve options of the deployment (replicas, autoscaling, backpressure, CPUs)."""
+    options = {
+        # Room for the excess, so that replicas refuse it with Retry-After instead of Ray's router.
+        "max_ongoing_requests": config.max_ongoing + ROUTER_SLACK,
+        "max_queued_requests": config.max_queued,
+        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        "health_check_period_s": 5,
+        # Ray logs a line per request to files unless told not to; requests write nothing by default.
+        "logging_config": {"enable_access_log": config.access_log},
+    }
+    if config.max_replicas > config.replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": config.replicas, "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.max_batch, "upscale_delay_s": 5, "downscale_delay_s": 60}
+    else:
+        options["num_replicas"] = config.replicas
+    return options
+
+
+def build_app(config: ServeConfig):
+    """The Ray Serve application serving ``config``."""
+    if config.threads is None:  # a replica's torch threads follow the CPUs Ray gives it
+        config = replace(config, threads=max(1, math.floor(config.replica_cpus)))
+    deployment = serve.deployment(TocomReplica, name="TocomReplica", **deployment_options(config))
+    return deployment.bind(config)
+
+
+def start_ray(address: str | None, num_cpus: float | None = None) -> None:
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one in-process."""
+    import os
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def start_serve(host: str, port: int, access_log: bool = False) -> None:
+    """Start Serve's HTTP proxy on ``host:port`` (a Serve already running keeps its own options)."""
+    serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": access_log})
+
+
+def deploy(config: ServeConfig, address: str | None = None, num_cpus: float | None = None) -> str:
+    """Start (or join) Ray and Serve, deploy ``config``; returns the base URL (blocks until ready)."""
+    start_ray(address, num_cpus)
+    start_serve(config.host, config.port, config.access_log)
+    serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)
+    prefix = "" if config.route_prefix == "/" else config.route_prefix
+    return f"http://{config.host}:{config.port}{prefix}"
+
+
+def shutdown() -> None:
+    """Tear down Serve and, if this process started it, Ray."""
+    serve.shutdown()
+    ray.shutdown()

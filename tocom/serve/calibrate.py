@@ -1,0 +1,168 @@
+"""Measuring a model's forward latency at every degree and batch size, cached per model and machine.
+
+The cache is a folder of JSON files (``$TOCOM_CACHE``, else ``~/.cache/tocom``, under
+``latency/``) named by a hash of everything the timings depend on: the architecture (not the
+weights' values), the degrees, batch sizes, device, dtype, thread count, torch version and the
+machine. A cached table is reused as is; pass ``refresh=True`` after the machine changed load.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tocom.atomic import atomic_write
+from tocom.compress.schedule import clamp_schedule, resolve_schedule
+from tocom.models import dims_of, is_patched, patch
+from tocom.serve.controller import LatencyTable
+
+DEFAULT_DEGREES = (0, 4, 8, 12, 16)
+
+
+def cache_dir() -> Path:
+    """``$TOCOM_CACHE`` or ``~/.cache/tocom``."""
+    return Path(os.environ.get("TOCOM_CACHE") or Path.home() / ".cache" / "tocom")
+
+
+def batch_sizes_up_to(max_batch: int) -> list[int]:
+    """1, 2, 4, ... and ``max_batch`` itself: the sizes worth timing for a dynamic batcher."""
+    sizes = [b for b in (2**i for i in range(max_batch.bit_length())) if b < max_batch]
+    return [*sizes, max_batch]
+
+
+def distinct_degrees(model: nn.Module, degrees: Sequence[int]) -> list[int]:
+    """``degrees`` sorted, without those whose clamped schedule equals a smaller degree's."""
+    dims = dims_of(model)
+    seen, out = set(), []
+    for d in sorted(set(degrees)):
+        key = tuple(clamp_schedule(resolve_schedule(d, dims.depth), dims.num_tokens, dims.num_prefix))
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def _machine() -> dict[str, str | int | None]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "system": platform.system(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def calibration_key(model: nn.Module, degrees: Sequence[int], batch_sizes: Sequence[int],
+                    device: torch.device, dtype: torch.dtype) -> dict:
+    """What a latency table depends on (hashed into the cache file name)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"arch": type(model).__name__, "dims": asdict(dims_of(model)),
+            "compression": asdict(model._tocom) if is_patched(model) else None,
+            "degrees": list(degrees), "batch_sizes": list(batch_sizes), "device": device.type,
+            "gpu": gpu, "dtype": str(dtype), "machine": _machine()}
+
+
+def _cache_file(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "latency" / f"{digest}.json"
+
+
+def _input_shape(model: nn.Module) -> tuple[int, int, int]:
+    size = model.patch_embed.img_size
+    return (model.patch_embed.proj.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
+
+
+@torch.inference_mode()
+def measure(model: nn.Module, degrees: Sequence[int], batch_sizes: Sequence[int],
+            set_degree: Callable[[int], None] | None = None, rounds: int = 3) -> LatencyTable:
+    """Median ms of a forward of random ``(B, C, H, W)`` images at each degree and batch size.
+
+    Degrees are interleaved within each round, so slow drifts of a shared machine hit all alike.
+    ``set_degree`` switches the model (default: ``model.r = degree``; the model must be patched).
+    """
+    set_degree = set_degree or (lambda d: setattr(model, "r", d))
+    param = next(model.parameters())
+    times: dict[int, dict[int, list[float]]] = {d: {b: [] for b in batch_sizes} for d in degrees}
+    for b in batch_sizes:
+        x = torch.randn(b, *_input_shape(model), device=param.device, dtype=param.dtype)
+        for d in degrees:  # warm-up: allocator, kernels, lazily built buffers
+            set_degree(d)
+            model(x)
+        for _ in range(rounds):
+            for d in degrees:
+                set_degree(d)
+                if param.device.type == "cuda":
+                    torch.cuda.synchronize(param.device)
+                t = time.perf_counter()
+                model(x)
+                if param.device.type == "cuda":
+                    torch.cuda.synchronize(param.device)
+                times[d][b].append((time.perf_counter() - t) * 1000)
+    return LatencyTable({d: {b: round(statistics.median(ts), 3) for b, ts in row.items()}
+                         for d, row in times.items()})
+
+
+def calibrate(model: nn.Module, degrees: Sequence[int] = DEFAULT_DEGREES, max_batch: int = 16, *,
+              set_degree: Callable[[int], None] | None = None, rounds: int = 3, refresh: bool = False,
+              use_cache: bool = True) -> tuple[LatencyTable, dict]:
+    """The model's latency table, from the cache when this model and machine were measured before.
+
+    Returns ``(table, info)``; ``info`` has the cache ``path``, whether it was ``cached`` and the
+    ``seconds`` measuring took (0 when cached). The model is left at the last degree measured.
+    """
+    param = next(model.parameters())
+    sizes = batch_sizes_up_to(max_batch)
+    key = calibration_key(model, degrees, sizes, param.device, param.dtype)
+    path = _cache_file(key)
+    if use_cache and not refresh and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == json.loads(json.dumps(key)):
+                return LatencyTable.from_json(data["ms"]), {"path": str(path), "cached": True, "seconds": 0.0}
+        except (OSError, ValueError, KeyError):
+            pass  # an unreadable cache entry is measured again and overwritten
+    start = time.perf_counter()
+    table = measure(model, degrees, sizes, set_degree, rounds)
+    seconds = round(time.perf_counter() - start, 2)
+    if use_cache:
+        body = json.dumps({"key": key, "ms": table.to_json(), "seconds": seconds}, indent=1)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(body))
+    return table, {"path": str(path), "cached": False, "seconds": seconds}
+
+
+def degree_for_latency(model: nn.Module, budget_ms: float, batch_size: int = 1,
+                       degrees: Sequence[int] = DEFAULT_DEGREES) -> int:
+    """The least degree whose calibrated forward of ``batch_size`` images takes at most ``budget_ms``.
+
+    Calibrates once per model and machine (cached, see :func:`calibrate`) on a patched copy, so
+    ``model`` itself is not changed. Images are ``(batch_size, 3, H, W)`` at the model's size.
+
+    Raises:
+        ValueError: when even the largest degree is slower than the budget (the message gives
+            its latency).
+    """
+    probe = copy.deepcopy(model).eval()
+    if not is_patched(probe):
+        patch(probe, "tome")
+    candidates = distinct_degrees(probe, degrees)
+    table, _ = calibrate(probe, candidates, max_batch=max(1, batch_size))
+    for d in candidates:
+        if table.predict(d, batch_size) <= budget_ms:
+            return d
+    fastest = min(table.predict(d, batch_size) for d in candidates)
+    raise ValueError(f"no degree in {candidates} runs a batch of {batch_size} within {budget_ms} ms "
+                     f"(fastest: {fastest:.1f} ms); raise the budget, lower the batch size or add degrees")

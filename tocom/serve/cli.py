@@ -1,0 +1,101 @@
+"""``tocom serve``: the command line of the Ray Serve deployment."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import threading
+
+from tocom.serve.calibrate import DEFAULT_DEGREES
+from tocom.serve.service import ServeConfig
+
+
+def _degrees(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"degrees: integers such as 0,4,8, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"degrees must be >= 0, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to ``tocom``'s subparsers."""
+    p = subparsers.add_parser("serve", help="HTTP service whose degree follows load (tocom[serve])")
+    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("--checkpoint", help="fine-tuned weights (.safetensors from tocom finetune, or timm's)")
+    p.add_argument("--plugin", help="compensator file: degree changes fold its delta")
+    p.add_argument("--source", type=int,
+                   help="degree the checkpoint was fine-tuned at (default: its metadata, else 0)")
+    p.add_argument("--degrees", type=_degrees, default=DEFAULT_DEGREES,
+                   help="degrees to choose from (default 0,4,8,12,16)")
+    p.add_argument("--fixed-degree", type=int, help="always serve at this degree (no controller)")
+    p.add_argument("--scale", type=float, help="plugin scale s (default: the plugin's)")
+    p.add_argument("--slo-ms", type=float, default=200.0, help="latency objective, arrival to answer")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-ongoing", type=int, default=32,
+                   help="requests a replica holds at once; more get 503 with Retry-After")
+    p.add_argument("--max-queued", type=int, default=64,
+                   help="requests waiting in Ray's router; more get 503")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, help="> --replicas turns on Ray Serve autoscaling")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    p.add_argument("--threads", type=int, help="torch threads per replica (default: --replica-cpus)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--classes", help="text file of class names, one per line, in label order")
+    p.add_argument("--max-body-mb", type=float, default=10.0)
+    p.add_argument("--top-k", type=int, default=5, help="default k of /v1/classify")
+    p.add_argument("--access-log", action="store_true", help="let Ray log a line per request")
+    p.add_argument("--recalibrate", action="store_true", help="measure latencies again instead of the cache")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the service)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--route-prefix", default="/")
+    p.add_argument("--address", help="Ray cluster to deploy onto (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=run)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Check the flags and turn them into a :class:`ServeConfig`."""
+    max_replicas = args.max_replicas or args.replicas
+    if args.replicas < 1 or max_replicas < args.replicas:
+        raise ValueError(f"need 1 <= --replicas <= --max-replicas, got {args.replicas}, {max_replicas}")
+    if args.max_batch < 1 or args.max_ongoing < 1 or args.max_queued < 0:
+        raise ValueError("need --max-batch >= 1, --max-ongoing >= 1 and --max-queued >= 0")
+    if args.slo_ms <= 0 or args.max_body_mb <= 0:
+        raise ValueError("need --slo-ms > 0 and --max-body-mb > 0")
+    # Replicas run in other processes (other machines on a cluster): hand them absolute paths.
+    absolute = lambda path: os.path.abspath(path) if path else None
+    return ServeConfig(
+        model=args.model, checkpoint=absolute(args.checkpoint), plugin=absolute(args.plugin),
+        source=args.source, degrees=tuple(args.degrees), fixed_degree=args.fixed_degree, scale=args.scale,
+        slo_ms=args.slo_ms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        max_ongoing=args.max_ongoing, max_queued=args.max_queued, replicas=args.replicas,
+        max_replicas=max_replicas, replica_cpus=args.replica_cpus, threads=args.threads, device=args.device,
+        classes=absolute(args.classes), max_body_mb=args.max_body_mb, top_k=args.top_k,
+        recalibrate=args.recalibrate, access_log=args.access_log, host=args.host, port=args.port,
+        route_prefix=args.route_prefix)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Deploy, print the URL, serve until interrupted, then shut down."""
+    config = config_from_args(args)
+    try:
+        from tocom.serve import app
+    except ImportError as err:
+        raise ValueError(f"tocom serve needs Ray Serve ({err}); pip install 'tocom[serve]'") from None
+    local_cpus = max(2, math.ceil(config.max_replicas * config.replica_cpus))
+    url = app.deploy(config, address=args.address, num_cpus=local_cpus)
+    print(f"serving {config.model} at {url}/v1/classify (info: {url}/v1/info); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.shutdown()

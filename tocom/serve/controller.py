@@ -1,0 +1,161 @@
+"""The degree controller: per batch, the least compression that keeps queued requests within the SLO.
+
+Plain Python (no Ray, no torch), so any server can drive it. It reasons over a
+:class:`LatencyTable` (milliseconds per forward, measured for every degree at a few batch sizes,
+see :mod:`tocom.serve.calibrate`) and the waits of the requests a replica holds:
+
+* the batch about to run and the requests queued behind it are served first-in first-out, in
+  batches of at most ``max_batch``, all at the degree being considered;
+* a degree *fits* when every one of those requests is predicted to finish within
+  ``margin * slo_ms`` of its arrival;
+* the controller raises the degree at once when the current one does not fit, and lowers it only
+  after ``patience`` consecutive batches in which a lower degree fits even ``hysteresis`` below
+  the budget, so that it does not flap around a boundary;
+* forwards measured while serving (:meth:`DegreeController.observe`) scale every prediction by how
+  much slower than calibrated the machine runs now (other load, thermal limits), so the table
+  measured once at start-up stays honest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Calibrated forward latency in ms: ``ms[degree][batch_size]``.
+
+    Batch sizes between calibrated ones are interpolated linearly; beyond the largest, the
+    per-image cost of the largest is extrapolated.
+    """
+
+    ms: Mapping[int, Mapping[int, float]]
+
+    def __post_init__(self) -> None:
+        if not self.ms:
+            raise ValueError("a latency table needs at least one degree")
+        for degree, row in self.ms.items():
+            if not row or any(b < 1 or t <= 0 for b, t in row.items()):
+                raise ValueError(f"degree {degree}: latencies need batch sizes >= 1 and times > 0, got {row}")
+
+    @property
+    def degrees(self) -> list[int]:
+        return sorted(self.ms)
+
+    def predict(self, degree: int, batch_size: int) -> float:
+        """Milliseconds of one forward of ``batch_size`` images at ``degree``."""
+        if degree not in self.ms:
+            raise ValueError(f"degree {degree} was not calibrated (calibrated: {self.degrees})")
+        row = self.ms[degree]
+        sizes = sorted(row)
+        if batch_size <= sizes[0]:
+            return row[sizes[0]] * batch_size / sizes[0] if batch_size < sizes[0] else row[sizes[0]]
+        if batch_size >= sizes[-1]:
+            return row[sizes[-1]] * batch_size / sizes[-1]
+        hi = bisect.bisect_left(sizes, batch_size)
+        b0, b1 = sizes[hi - 1], sizes[hi]
+        w = (batch_size - b0) / (b1 - b0)
+        return row[b0] * (1 - w) + row[b1] * w
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        return {str(d): {str(b): round(t, 3) for b, t in sorted(row.items())}
+                for d, row in sorted(self.ms.items())}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Mapping[str, float]]) -> LatencyTable:
+        return cls({int(d): {int(b): float(t) for b, t in row.items()} for d, row in data.items()})
+
+
+def completion_ms(table: LatencyTable, degree: int, waits_ms: Sequence[float], max_batch: int,
+                  slowdown: float = 1.0) -> float:
+    """Worst predicted time from arrival to answer over requests served FIFO in batches.
+
+    ``waits_ms``: how long each held request has waited so far, oldest first; the first
+    ``max_batch`` form the batch about to run, the rest queue behind it. ``slowdown`` scales the
+    table's compute times.
+    """
+    worst, elapsed = 0.0, 0.0
+    for start in range(0, len(waits_ms), max_batch):
+        chunk = waits_ms[start:start + max_batch]
+        elapsed += slowdown * table.predict(degree, len(chunk))
+        worst = max(worst, max(chunk) + elapsed)
+    return worst
+
+
+@dataclass
+class DegreeController:
+    """Picks the degree of each batch (see the module docstring for the policy).
+
+    Args:
+        table: calibrated latencies; its degrees are the ones the controller may pick.
+        slo_ms: latency objective from arrival at the replica to answer.
+        max_batch: the largest batch the server forms.
+        margin: fraction of the SLO that predictions may use (calibration is not exact).
+        hysteresis: a lower degree must fit within ``(1 - hysteresis)`` of the budget to count
+            towards stepping down.
+        patience: consecutive batches a lower degree must fit before the controller steps down.
+        smoothing: weight of the newest measured forward in the running ``slowdown`` estimate.
+    """
+
+    table: LatencyTable
+    slo_ms: float
+    max_batch: int
+    margin: float = 0.85
+    hysteresis: float = 0.25
+    patience: int = 3
+    smoothing: float = 0.2
+    degree: int = field(default=-1)
+    slowdown: float = field(default=1.0)
+    _streak: int = field(default=0, repr=False)
+    _candidate: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.slo_ms <= 0 or self.max_batch < 1:
+            raise ValueError(f"need slo_ms > 0 and max_batch >= 1, got {self.slo_ms}, {self.max_batch}")
+        if not 0 < self.margin <= 1 or not 0 <= self.hysteresis < 1 or self.patience < 1:
+            raise ValueError("need 0 < margin <= 1, 0 <= hysteresis < 1 and patience >= 1")
+        if self.degree not in self.table.ms:
+            self.degree = self.table.degrees[0]
+
+    def least_fitting(self, waits_ms: Sequence[float], budget_ms: float) -> int:
+        """The smallest degree whose predicted completion is within ``budget_ms`` (else the largest)."""
+        for degree in self.table.degrees:
+            if completion_ms(self.table, degree, waits_ms, self.max_batch, self.slowdown) <= budget_ms:
+                return degree
+        return self.table.degrees[-1]
+
+    def choose(self, waits_ms: Sequence[float]) -> int:
+        """The degree for the next batch; ``waits_ms`` of every held request, oldest first."""
+        waits = sorted(waits_ms, reverse=True)
+        budget = self.margin * self.slo_ms
+        target = self.least_fitting(waits, budget)
+        if target > self.degree:
+            self.degree, self._streak = target, 0
+        elif target < self.degree:
+            relaxed = self.least_fitting(waits, (1 - self.hysteresis) * budget)
+            if relaxed < self.degree:
+                # Step down to the most cautious degree seen during the streak, not the latest.
+                self._candidate = relaxed if self._streak == 0 else max(self._candidate, relaxed)
+                self._streak += 1
+                if self._streak >= self.patience:
+                    self.degree, self._streak = self._candidate, 0
+            else:
+                self._streak = 0
+        else:
+            self._streak = 0
+        return self.degree
+
+    def observe(self, degree: int, batch_size: int, ms: float) -> None:
+        """Fold a measured forward into ``slowdown`` (measured / calibrated, kept within 0.5..4)."""
+        ratio = ms / self.table.predict(degree, batch_size)
+        estimate = (1 - self.smoothing) * self.slowdown + self.smoothing * ratio
+        self.slowdown = min(4.0, max(0.5, estimate))
+
+    def retry_after_s(self, held: int) -> int:
+        """Whole seconds until ``held`` requests drain at the fastest degree (at least 1)."""
+        fastest = min(self.table.degrees, key=lambda d: self.table.predict(d, self.max_batch))
+        batches = math.ceil(held / self.max_batch)
+        return max(1, math.ceil(batches * self.slowdown * self.table.predict(fastest, self.max_batch) / 1000))

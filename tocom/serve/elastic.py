@@ -1,0 +1,85 @@
+"""A model that serves at any of a set of degrees, switching (and folding a plugin's delta) per batch.
+
+Switching writes W_q and W_v in place while another thread may be running a forward, so a switch
+and the forward that follows it happen under one lock: a forward never sees half-switched weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tocom.compensator import Compensator, attach, set_degree
+from tocom.compress import resolve_schedule
+from tocom.compress.flops import gflops
+from tocom.compress.schedule import clamp_schedule
+from tocom.models import dims_of, is_patched, patch
+
+
+class ElasticModel:
+    """``model`` (a timm ViT) runnable at each of ``degrees``; with ``plugin``, compensated from ``source``.
+
+    Args:
+        model: patched or not (it is patched with the plugin's method, else ToMe).
+        degrees: the degrees it may run at.
+        plugin: a ToCom plugin fitted to the model, or None (plain token merging).
+        source: the degree the model was fine-tuned at (the plugin's zero point).
+        scale: the plugin's scale ``s`` (default: its own).
+    """
+
+    def __init__(self, model: nn.Module, degrees: Sequence[int], plugin: Compensator | None = None,
+                 source: int = 0, scale: float | None = None):
+        if not degrees:
+            raise ValueError("give at least one degree to serve at")
+        self.model = model.eval()
+        self.degrees = sorted(set(int(d) for d in degrees))
+        self.plugin = plugin
+        self.source = source
+        if plugin is not None:
+            for d in self.degrees:
+                plugin.check_degree(d)  # fail at start-up, not at the first busy minute
+            attach(model, plugin, source=source, scale=scale)
+        elif not is_patched(model):
+            patch(model, "tome")
+        dims = dims_of(model)
+        for d in self.degrees:
+            resolve_schedule(d, dims.depth)
+        self.gflops = {d: gflops(dims, clamp_schedule(resolve_schedule(d, dims.depth), dims.num_tokens,
+                                                      dims.num_prefix)) for d in self.degrees}
+        # TODO(refactor): one lock per replica until tocom.compensator offers an atomic switch
+        # context; every switch and every forward go through it.
+        self._lock = threading.Lock()
+        self._degree = -1
+        self.switch(self.degrees[0])
+
+    @property
+    def degree(self) -> int:
+        """The degree the weights are folded for now."""
+        return self._degree
+
+    def _switch_locked(self, degree: int) -> None:
+        if degree not in self.gflops:
+            raise ValueError(f"degree {degree} is not one this model serves ({self.degrees})")
+        if degree == self._degree:
+            return
+        if self.plugin is not None:
+            set_degree(self.model, degree)
+        else:
+            self.model.r = degree
+        self._degree = degree
+
+    def switch(self, degree: int) -> None:
+        """Fold the weights for ``degree`` (waits for a running forward to finish)."""
+        with self._lock:
+            self._switch_locked(degree)
+
+    def run(self, images: torch.Tensor, degree: int) -> torch.Tensor:
+        """Class probabilities: ``images`` (B, 3, H, W) -> (B, num_classes), all computed at ``degree``."""
+        with self._lock, torch.inference_mode():
+            self._switch_locked(degree)
+            param = next(self.model.parameters())
+            logits = self.model(images.to(param.device, param.dtype))
+            return logits.float().softmax(dim=-1).cpu()
