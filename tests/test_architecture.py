@@ -11,7 +11,7 @@ ROOT = Path(tocom.__file__).resolve().parent
 
 FLOORS = {
     "atomic": 0, "compress": 1, "data": 1, "models": 2, "peft": 3, "compensator": 4, "pyra": 4,
-    "finetuned": 5, "train": 6, "report": 6, "jobs": 7, "experiments": 8, "serve": 8,
+    "finetuned": 5, "seg": 5, "train": 6, "report": 6, "jobs": 7, "experiments": 8, "serve": 8,
     "cli": 9, "__init__": 9, "__main__": 10,
 }
 

@@ -75,6 +75,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from tocom.jobs.finetune import run_finetune
     from tocom.train import distributed
 
+    if args.task == "segmentation":
+        cmd_finetune_segmentation(args)
+        return
     _, recipe = run_finetune(
         args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
         r=args.r, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -84,6 +87,22 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         device=args.device, seed=args.seed, compression=args.compression)
     if distributed.rank() == 0:
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "curve"))
+
+
+def cmd_finetune_segmentation(args: argparse.Namespace) -> None:
+    from tocom.jobs.segment import run_segment_finetune
+    from tocom.train import distributed
+
+    given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+             if v is not None}
+    out = args.out if args.out != "finetuned.safetensors" else "segmenter.safetensors"
+    _, recipe = run_segment_finetune(
+        args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained,
+        method=args.method or "full", r=args.r or "0", mode=args.mode, rank=args.rank, out=out,
+        run_dir=args.run_dir, resume=args.resume, num_workers=args.workers, device=args.device,
+        seed=args.seed, **given)
+    if distributed.rank() == 0:
+        print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "curve"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -183,8 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune on a labelled dataset under a compression schedule")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="VTAB-1k task folder or ImageFolder splits")
-    p.add_argument("--method", choices=FINETUNE_METHODS, help="default: the preset's (required with small)")
+    p.add_argument("--data", required=True,
+                   help="VTAB-1k task folder or ImageFolder splits; for segmentation an ADE20k-layout folder")
+    p.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                   help="segmentation: a linear decoder on the ViT, trained on images/ + annotations/")
+    p.add_argument("--mode", choices=["dense", "standard"], default="dense",
+                   help="segmentation: merge before each MLP and unmerge after it (dense), or merge "
+                        "as usual and unmerge the final tokens (standard)")
+    p.add_argument("--method", choices=FINETUNE_METHODS,
+                   help="default: the preset's (required with small); segmentation: full (default) or lora")
     # --schedule: torchrun's own parser rejects "--r" as an ambiguous abbreviation of its --rdzv-* flags.
     p.add_argument("--r", "--schedule", dest="r",
                    help="schedule: 8, 8,8,4, flops=0.5, low or high (default: the preset's)")

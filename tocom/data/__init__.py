@@ -1,5 +1,5 @@
 """Datasets: VTAB-1k list folders, ImageFolder splits, unlabelled image folders, generated tasks,
-and the transforms that turn their PIL images into ``(3, H, W)`` tensors."""
+ADE20k-layout segmentation folders, and the transforms that turn their PIL images into tensors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 from .folder import FOLDER_SPLITS, SPLIT_DIRS, ImageFiles, ImageFolderSplit, folder_splits
 from .generated import TASKS, GeneratedTask, make_task, write_vtab
+from .generated_seg import SEG_CLASSES, write_segmentation_task
+from .segmentation import IGNORE_INDEX, SegmentationFolder, SegmentationTransform, is_segmentation_folder
 from .shared import shared_dir
 from .transforms import (
     data_config,
@@ -63,6 +65,12 @@ def load_dataset(
 
 __all__ = [
     "FOLDER_SPLITS",
+    "IGNORE_INDEX",
+    "SEG_CLASSES",
+    "SegmentationFolder",
+    "SegmentationTransform",
+    "is_segmentation_folder",
+    "write_segmentation_task",
     "LIST_FILES",
     "SPLITS",
     "TASKS",

@@ -1,0 +1,219 @@
+"""``tocom finetune --task segmentation``: a Segmenter-style linear decoder on a timm ViT, trained on an
+ADE20k-layout folder, and mIoU sweeps over degrees with and without a compensator.
+
+The backbone is patched in ``dense`` mode by default (tokens merged before each MLP and unmerged
+after it, so every patch keeps its own token); ``standard`` mode traces sources and unmerges the
+final tokens instead. Methods: ``full`` (every weight) or ``lora`` (LoRA on the backbone's qkv,
+folded into the saved weights); the decoder always trains, at ``decoder_lr_scale`` times the lr.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from tocom.compensator import attach, attachment, set_degree
+from tocom.compress import parse_schedule, resolve_schedule
+from tocom.data import SegmentationFolder, SegmentationTransform, data_config
+from tocom.jobs.evaluate import make_loader
+from tocom.jobs.finetune import add_method
+from tocom.models import dims_of, patch
+from tocom.models.loading import build_model, read_state_dict
+from tocom.peft import merge
+from tocom.seg import Segmenter, SegmentObjective, image_confusions, mean_iou, save_segmenter
+from tocom.train import distributed
+from tocom.train.config import TrainConfig
+from tocom.train.trainer import train
+
+SEG_METHODS = ("full", "lora")
+
+
+def segmentation_backbone(model_name: str, checkpoint: str | Path | None = None, pretrained: bool = False
+                          ) -> tuple[nn.Module, dict[str, Any]]:
+    """A headless timm ViT (``num_classes=0``) and the architecture kwargs its checkpoint records;
+    a classification head in ``checkpoint`` is dropped."""
+    if checkpoint is None:
+        from tocom.models.loading import create_model
+
+        return create_model(model_name, pretrained=pretrained, num_classes=0), {}
+    state, meta = read_state_dict(checkpoint)
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
+    kwargs = json.loads(meta.get("model_kwargs", "{}"))
+    return build_model(model_name, state, meta, checkpoint, num_classes=0), kwargs
+
+
+def patch_for_segmentation(backbone: nn.Module, mode: str = "dense") -> nn.Module:
+    """Patch ``backbone`` with ToMe so that every patch keeps a token: ``dense`` mode, or the
+    standard mode with source tracing (the final tokens are unmerged by the decoder)."""
+    if mode == "dense":
+        return patch(backbone, "tome", mode="dense")
+    if mode == "standard":
+        return patch(backbone, "tome", trace_source=True)
+    raise ValueError(f"mode must be 'dense' or 'standard', got {mode!r}")
+
+
+class _Objective(SegmentObjective):
+    """:class:`SegmentObjective` with a faster decoder: its lr is ``decoder_lr_scale`` times the lr."""
+
+    def __init__(self, model: Segmenter, decoder_lr_scale: float, weight_decay: float):
+        super().__init__(model)
+        self.decoder_lr_scale, self.weight_decay = decoder_lr_scale, weight_decay
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        return [{"params": [p for p in backbone if p.ndim >= 2], "weight_decay": self.weight_decay},
+                {"params": [p for p in backbone if p.ndim < 2], "weight_decay": 0.0},
+                {"params": list(self.model.decoder.parameters()), "weight_decay": 0.0,
+                 "lr_scale": self.decoder_lr_scale}]
+
+
+def miou_hook(data, batch_size: int):
+    """An ``evaluate(objective, step)`` for :func:`train`: mIoU on this rank's shard of ``data``."""
+    shard = Subset(data, range(distributed.rank(), len(data), distributed.world_size()))
+    loader = make_loader(shard, batch_size)
+
+    def evaluate(objective: nn.Module, step: int) -> dict[str, float]:
+        device = next(objective.parameters()).device
+        conf = 0
+        for images, masks in loader:
+            pred = objective.model(images.to(device)).argmax(1).cpu()
+            conf = conf + image_confusions(pred, masks, objective.model.num_classes).sum(0)
+        return {"val_miou": mean_iou(conf)}
+
+    return evaluate
+
+
+def run_segment_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | None = None,
+                         pretrained: bool = False, method: str = "full", r: str = "0", mode: str = "dense",
+                         epochs: int = 10, batch_size: int = 16, lr: float = 1e-4,
+                         decoder_lr_scale: float = 10.0, weight_decay: float = 0.01, rank: int = 8,
+                         out: str | Path = "segmenter.safetensors", run_dir: str | Path | None = None,
+                         resume: bool = False, num_workers: int = 2, device: str | None = None,
+                         seed: int = 0, progress: bool = True, val_every: int | None = None
+                         ) -> tuple[Segmenter, dict[str, Any]]:
+    """Fine-tune a Segmenter on the ``train`` split of ``data`` (validating mIoU on ``val`` when it
+    exists) at schedule ``r`` in ``mode``; write ``out`` and return the model and its recipe."""
+    if method not in SEG_METHODS:
+        raise ValueError(f"segmentation fine-tunes with method {' or '.join(SEG_METHODS)}, got {method!r}")
+    torch.manual_seed(seed)  # decoder and LoRA init: identical in a resumed process
+    backbone, model_kwargs = segmentation_backbone(model_name, checkpoint, pretrained)
+    backbone = patch_for_segmentation(backbone, mode)
+    cfg = data_config(backbone)
+    size = int(cfg["input_size"][-1])
+    transform = SegmentationTransform(size, train=True, mean=cfg["mean"], std=cfg["std"])
+    train_data = SegmentationFolder(data, "train", transform)
+    schedule = resolve_schedule(parse_schedule(r, dims_of(backbone)), len(backbone.blocks))
+    backbone.r = schedule
+    model = Segmenter(backbone, train_data.num_classes)
+    peft = add_method(backbone, method, rank=rank)
+    model.decoder.requires_grad_(True)
+    val_transform = SegmentationTransform(size, mean=cfg["mean"], std=cfg["std"])
+    has_val = (Path(data) / "images" / "validation").is_dir()
+    val_data = SegmentationFolder(data, "val", val_transform) if has_val else None
+    world = distributed.world_size()
+    per_epoch = len(train_data) // (batch_size * world)
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_data)} training images cannot fill one batch of {batch_size} x {world} "
+                         "processes; lower --batch-size")
+    steps = epochs * per_epoch
+    val_every = val_every or max(1, epochs // 5)
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                         warmup_steps=min(steps, per_epoch), num_workers=num_workers,
+                         checkpoint_every=per_epoch, eval_every=val_every * per_epoch if has_val else 0,
+                         seed=seed, progress=progress)
+    hook = miou_hook(val_data, batch_size) if val_data is not None else None
+    run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
+    start = time.time()
+    result = train(_Objective(model, decoder_lr_scale, weight_decay), train_data, config, out_dir=run_dir,
+                   resume=resume, evaluate=hook, device=device, stop_after=None)
+    recipe = {"task": "segmentation", "method": method, "data": str(data), "images": len(train_data),
+              "classes": train_data.num_classes, "schedule_text": r, "mode": mode, "epochs": epochs,
+              "steps": steps, "lr": lr, "decoder_lr_scale": decoder_lr_scale, "batch_size": batch_size,
+              "weight_decay": weight_decay, "seed": seed, "world_size": world,
+              "wall_s": round(time.time() - start, 1),
+              "val_miou": result.evals[-1]["val_miou"] if result.evals else None,
+              "curve": [[e["step"], e["val_miou"]] for e in result.evals]}
+    merge(backbone)  # folds LoRA into the qkv weights
+    model = model.cpu().eval()
+    if distributed.rank() == 0:
+        constant = schedule[0] if len(set(schedule)) == 1 else None
+        save_segmenter(model, out, model_name, model_kwargs, metadata={
+            "method": method, "schedule": schedule, "source_degree": constant, "mode": mode, "peft": peft,
+            "classes": train_data.classes, "preprocessing": val_transform.record(), "recipe": recipe})
+    return model, recipe
+
+
+@dataclass
+class SegRow:
+    """mIoU of one configuration (a degree, with or without the plugin at a scale)."""
+
+    target: int
+    source: int
+    plugin: bool
+    scale: float | None
+    miou: float
+    pixel_acc: float
+    throughput: float  # images/s of the forward passes alone
+    split: str = "test"
+    confusions: np.ndarray | None = field(default=None, repr=False)  # (N, K, K) per image
+
+    def as_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        del row["confusions"]
+        return row
+
+
+@torch.inference_mode()
+def segment_sweep(model: Segmenter, loader: DataLoader, targets: Sequence[int], source: int,
+                  plugin: nn.Module | None = None, scales: Sequence[float] | None = None,
+                  device: str | torch.device = "cpu", split: str = "test", progress: bool = True
+                  ) -> list[SegRow]:
+    """mIoU of a patched Segmenter at each target, without and (if given) with the plugin.
+
+    Each batch runs through every configuration before the next is loaded. Rows keep the per-image
+    confusion matrices ``(N, K, K)`` for paired statistics over images.
+    """
+    device = torch.device(device)
+    model.to(device).eval()
+    backbone = model.backbone
+    configs: list[tuple[int, float | None]] = [(t, None) for t in targets]
+    if plugin is not None:
+        if "_tocom_compensator" not in backbone.__dict__:
+            attach(backbone, plugin, source=source)
+        scales = list(scales) if scales else [attachment(backbone).plugin.spec.scale]
+        configs += [(t, s) for t in targets for s in scales]
+    confusions: dict[tuple[int, float | None], list[torch.Tensor]] = {c: [] for c in configs}
+    seconds = dict.fromkeys(configs, 0.0)
+    seen = 0
+    for images, masks in tqdm(loader, desc=f"seg eval {split}", disable=not progress, leave=False):
+        images = images.to(device)
+        for target, scale in configs:
+            if plugin is not None:
+                set_degree(backbone, target, scale=0.0 if scale is None else scale)
+            else:
+                backbone.r = target
+            start = time.perf_counter()
+            pred = model(images).argmax(1).cpu()
+            seconds[(target, scale)] += time.perf_counter() - start
+            confusions[(target, scale)].append(image_confusions(pred, masks, model.num_classes))
+        seen += len(images)
+    if seen == 0:
+        raise ValueError("the evaluation split is empty")
+    rows = []
+    for (target, scale), parts in confusions.items():
+        conf = torch.cat(parts).numpy()
+        total = conf.sum(0)
+        rows.append(SegRow(target, source, scale is not None, scale, mean_iou(total),
+                           float(np.trace(total) / max(total.sum(), 1)), seen / seconds[(target, scale)],
+                           split, conf))
+    return rows
