@@ -145,3 +145,24 @@ def test_finetune_cli_trains_and_records(task, tmp_path, capsys):
     tocom.unpatch(model.backbone)
     conf = sum(image_confusions(model(x).argmax(1), m, 6).sum(0) for x, m in make_loader(data, 2))
     assert rows[0].miou == pytest.approx(mean_iou(conf))
+
+
+def test_paired_miou_bootstrap_against_a_loop():
+    from tocom.report.miou import paired_miou_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 20, (12, 3, 3))
+    b = a.copy()
+    b[:, [0, 1, 2], [0, 1, 2]] += rng.integers(0, 6, (12, 3))  # B gets more pixels right
+    res = paired_miou_difference(a, b, n_resamples=400, seed=1)
+    assert res.accuracy_a == pytest.approx(mean_iou(a.sum(0)))
+    assert res.difference == pytest.approx(mean_iou(b.sum(0)) - mean_iou(a.sum(0)))
+    # The same draws, image by image in a loop.
+    draws = np.random.default_rng(1).integers(0, 12, (400, 12))
+    loop = [mean_iou(b[d].sum(0)) - mean_iou(a[d].sum(0)) for d in draws]
+    assert (res.ci_low, res.ci_high) == pytest.approx(tuple(np.quantile(loop, [0.025, 0.975])))
+    assert res.ci_low > 0 and res.excludes_zero
+    same = paired_miou_difference(a, a, n_resamples=100)
+    assert same.difference == same.ci_low == same.ci_high == 0
+    with pytest.raises(ValueError, match="same images"):
+        paired_miou_difference(a, b[:5])

@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="run the papers' experiments in miniature (needs ../shared)")
     p.add_argument("name", nargs="+",
-                   choices=["all", "mismatch", "gap", "gains", "ablations", "evit", "pyra"],
+                   choices=["all", "mismatch", "gap", "gains", "ablations", "evit", "pyra", "segmentation"],
                    help="all: the evidence run (plugins, finetune, predict, analyze), resumable by stage")
     p.add_argument("--budget", choices=["small", "smoke"], default="small")
     p.add_argument("--protocol", choices=["paper-mini", "smoke"], default="paper-mini", help="for all")

@@ -15,6 +15,10 @@ def _signed(x: float) -> str:
 
 def render(name: str, results: dict) -> str:
     """A Markdown summary of one experiment's results (accuracies in %)."""
+    if name == "segmentation":
+        from tocom.experiments.segmentation import markdown
+
+        return markdown(results)
     lines = [f"# {name} (budget {results.get('budget')}, {results.get('wall_s')} s)", ""]
     if name == "mismatch":
         for task, curves in results["accuracy"].items():

@@ -1,6 +1,6 @@
 """The papers' experiments in miniature; each writes ``docs/results/NAME.json`` (+ a plot).
 
-tocom experiment mismatch|gap|gains|ablations|evit|pyra [--budget small] [--out docs/results]
+tocom experiment mismatch|gap|gains|ablations|evit|pyra|segmentation [--budget small] [--out docs/results]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tocom.experiments.common import GENERATED, MODEL, Lab, write_results
+from tocom.experiments.segmentation import segmentation
 from tocom.finetuned import load_model
 from tocom.report.plots import accuracy_plot
 
@@ -127,6 +128,7 @@ EXPERIMENTS: dict[str, Callable[[Lab, Path], dict]] = {
     "ablations": ablations,
     "evit": evit,
     "pyra": pyra,
+    "segmentation": segmentation,
 }
 
 
