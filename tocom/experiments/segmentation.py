@@ -5,9 +5,11 @@ generated segmentation task (shapes pasted on crops of the shared ImageNet sampl
 a dense-mode plugin is distilled on the ImageNet sample; then mIoU is measured on the test split
 at targets 0, 2, ..., 16 without and with the plugin (its scale chosen per target on validation).
 
-Degrees follow the paper's segmentation set-up, which merges ``32 r`` of 1024 tokens before each
-MLP at 512 px (r = 16: half the tokens). At 224 px (196 patches) one degree is
-``TOKENS_PER_DEGREE = 6`` tokens, so r = 16 merges 96 of 197 tokens before each MLP.
+The paper's segmentation set-up merges ``32 r`` of 1024 tokens before each MLP at 512 px (its
+r = 16 merges half the tokens). tocom's degree is always tokens per block, so at 224 px (196
+patches) the paper's r corresponds to ``TOKENS_PER_DEGREE * r`` = 6 r tokens: targets 0, 12, ...,
+96 tokens (paper r = 0, 2, ..., 16; 96 of 197 tokens at the top). The plugin has one group per
+token of degree (96 groups), so its arithmetic is the usual one.
 Every dataset-mIoU difference comes with a paired bootstrap CI over test images
 (:mod:`tocom.report.miou`).
 """
@@ -28,8 +30,9 @@ from tocom.report.compare import comparison_table
 from tocom.report.miou import paired_miou_difference
 from tocom.seg import load_segmenter
 
-TARGETS = list(range(0, 17, 2))
 TOKENS_PER_DEGREE = 6
+PAPER_DEGREES = list(range(0, 17, 2))
+TARGETS = [TOKENS_PER_DEGREE * r for r in PAPER_DEGREES]  # tokens merged before each MLP
 PAPER = ("ToCom appendix Table 11 (Jie et al., 2024): DeiT-B/384 encoder with Segmenter's Mask "
          "Transformer decoder on ADE20k at 512x512, source r = 0, targets r = 8, 12, 16, with 32 r tokens "
          "merged before each FFN and unmerged after it, single-scale mIoU on the validation set. "
@@ -78,12 +81,12 @@ def _finetuned(lab: Lab, task: Path, budget: SegBudget) -> Path:
 
 
 def _plugin(lab: Lab, budget: SegBudget) -> Path:
-    name = f"tome_dense_x{TOKENS_PER_DEGREE}_{budget.distill_steps}.tocom.safetensors"
+    name = f"tome_dense_{TARGETS[-1]}_{budget.distill_steps}.tocom.safetensors"
     out = lab.work / "plugins" / lab.budget_name / name
     if not out.is_file():
         run_dir = Path(str(out) + ".run")
         run_distill(MODEL, lab.pretraining_images, checkpoint=lab.weights, method="tome", mode="dense",
-                    tokens_per_degree=TOKENS_PER_DEGREE, steps=budget.distill_steps, batch_size=32, lr=1e-3,
+                    max_r=TARGETS[-1], groups=TARGETS[-1], steps=budget.distill_steps, batch_size=32, lr=1e-3,
                     out=out, run_dir=run_dir, resume=(run_dir / "last.ckpt").is_file(), num_workers=0,
                     progress=lab.progress)
     return out
@@ -122,13 +125,13 @@ def segmentation(lab: Lab, out: Path) -> dict:
         base = next(r for r in test if r.target == t and not r.plugin)
         comp = next(r for r in test if r.target == t and r.plugin and r.scale == chosen[t])
         diff = paired_miou_difference(base.confusions, comp.confusions, n_resamples=budget.resamples)
-        cost = schedule_report(model.backbone, t * TOKENS_PER_DEGREE)
-        rows.append({"target": t, "tokens_merged_per_block": t * TOKENS_PER_DEGREE,
+        cost = schedule_report(model.backbone, t)
+        rows.append({"target": t, "paper_r": t // TOKENS_PER_DEGREE,
                      "gflops": round(cost["gflops"], 4), "gflops_ratio": round(cost["gflops_ratio"], 4),
                      "miou_without": base.miou, "miou_with": comp.miou, "scale": comp.scale,
                      "pixel_acc_without": base.pixel_acc, "pixel_acc_with": comp.pixel_acc,
                      "stats": diff.as_dict()})
-        stats.append((f"r={t}: with ToCom vs without", diff))
+        stats.append((f"r={t} (paper r={t // TOKENS_PER_DEGREE}): with ToCom vs without", diff))
     return {"model": str(model_file), "plugin": str(plugin_file), "task": str(task),
             "tokens_per_degree": TOKENS_PER_DEGREE, "test_images": base.confusions.shape[0],
             "finetune": meta["recipe"], "distill": plugin.spec.recipe, "scales_tried": list(SCALES),
@@ -141,18 +144,15 @@ def markdown(results: dict) -> str:
              f"DeiT-Tiny + linear decoder fine-tuned at r = 0 in dense mode on the generated shapes task "
              f"({results['finetune']['images']} training images, {results['finetune']['epochs']} epochs); "
              f"dense-mode plugin distilled for {results['distill'].get('steps')} steps (L1 on per-token "
-             f"features). One degree = {results['tokens_per_degree']} tokens merged before each MLP. "
+             f"features). r = tokens merged before each MLP (paper r = r / {results['tokens_per_degree']}). "
              f"{results['test_images']} test images; scale chosen per target on validation.", "",
-             "| r | tokens merged / block | GFLOPs (ratio) | mIoU without (%) | mIoU with ToCom (%) | s |",
+             "| r (tokens) | paper r | GFLOPs (ratio) | mIoU without (%) | mIoU with ToCom (%) | s |",
              "|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['target']} | {r['tokens_merged_per_block']} | {r['gflops']:.3f} "
+        lines.append(f"| {r['target']} | {r['paper_r']} | {r['gflops']:.3f} "
                      f"({r['gflops_ratio']:.3f}) | {100 * r['miou_without']:.1f} | "
                      f"{100 * r['miou_with']:.1f} | {r['scale']} |")
     lines += ["", "Paired differences (dataset mIoU, B = with ToCom, A = without; percentile bootstrap "
               "over test images, the whole-set mIoU recomputed per resample; McNemar does not apply):", "",
               results["table"], "", "## Paper", "", results["paper"], ""]
     return "\n".join(lines)
-
-
-__all__ = ["PAPER", "SEG_BUDGETS", "TARGETS", "TOKENS_PER_DEGREE", "markdown", "segmentation"]
