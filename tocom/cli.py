@@ -64,7 +64,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
         max_r=args.max_r, groups=args.groups, rank=args.rank, scale=args.scale, variant=args.variant,
         loss=args.loss, preset=args.preset, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, out=args.out, run_dir=args.run_dir, resume=args.resume,
-        num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed)
+        num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
+        mode=args.mode)
     from tocom.train import distributed
 
     if distributed.rank() == 0:
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="any folder of images (searched recursively)")
     p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--mode", choices=["standard", "dense"], default="standard",
+                   help="dense: for models that merge before each MLP and unmerge after it "
+                        "(segmentation); distilled with L1 on every token's features")
     p.add_argument("--max-r", type=int, default=16, help="largest degree the plugin serves")
     p.add_argument("--groups", type=int, help="low-rank groups (default: --max-r)")
     p.add_argument("--rank", type=int, default=2)

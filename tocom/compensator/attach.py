@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tocom.compensator.fit import check_fits
+from tocom.compensator.fit import check_fits, check_mode
 from tocom.compensator.plugin import Compensator
 from tocom.models import is_patched, patch
 from tocom.peft import base_linear
@@ -54,7 +54,8 @@ def attach(model: nn.Module, plugin: Compensator, source: int, scale: float | No
     if _KEY in model.__dict__:
         raise ValueError("a compensator is already attached; call tocom.detach(model) first")
     if not is_patched(model):
-        patch(model, plugin.spec.method)
+        patch(model, plugin.spec.method, mode=plugin.spec.mode)
+    check_mode(plugin.spec, model)
     rows = _qv_rows(model)
     originals = torch.stack([torch.stack([w[q], w[v]]) for w, q, v in rows]).detach().clone()
     plugin = plugin.to(device=originals.device)

@@ -22,6 +22,17 @@ def spec_for(model: nn.Module, **kwargs):
                       num_heads=model.blocks[0].attn.num_heads, attn_dim=dims.attn_dim, **kwargs)
 
 
+def check_mode(spec, model: nn.Module) -> None:
+    """Raise ValueError when a patched ``model`` runs another compression mode than ``spec`` was
+    distilled in (a standard plugin compensates shortened sequences, a dense one full-length ones)."""
+    config = getattr(model, "_tocom", None)
+    mode = getattr(spec, "mode", "standard")
+    if config is not None and config.mode != mode:
+        raise ValueError(f"the plugin was distilled in {mode} mode but the model is patched in "
+                         f"{config.mode} mode; use a plugin distilled in {config.mode} mode "
+                         f"(tocom distill --mode {config.mode}) or tocom.patch(model, mode={mode!r})")
+
+
 def check_fits(spec, model: nn.Module) -> None:
     """Raise ValueError naming every way ``spec`` does not fit ``model``."""
     here = spec_for(model)

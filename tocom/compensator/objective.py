@@ -4,6 +4,14 @@ Each step draws a pair ``src != tgt`` from 0..max_r. The teacher is the backbone
 (no grad, no delta); the student is the same backbone at ``tgt`` with delta(src -> tgt) applied
 by the live wrappers. Loss: KL(teacher || student) on soft targets, L1 on pooled features for a
 headless backbone, or (ablation) cross-entropy on labels.
+
+A plugin for dense mode (``plugin.spec.mode == "dense"``) is distilled with L1 on the per-token
+outputs of ``forward_features`` (every token, normalised by the final norm), with or without a
+head. Dense consumers (a segmentation decoder) read every token, so every token is supervised;
+the pre-trained classifier only ever saw the pooled or class token, so a KL on per-token class
+predictions would distil a head applied off its training distribution, and a KL on the image
+logits would supervise one token's path alone. L1 (rather than MSE) as ToCom uses for headless
+backbones: robust to the few large-norm outlier tokens of ViTs.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tocom.compensator.fit import check_mode
 from tocom.compensator.live import install_live, remove_live, set_pair
 from tocom.compensator.plugin import Compensator
 from tocom.models import is_patched, patch
@@ -41,7 +50,9 @@ class DistillObjective(nn.Module):
         if self.max_r < 1:
             raise ValueError("max_r must be >= 1: distillation needs two different degrees")
         if not is_patched(model):
-            patch(model, plugin.spec.method)
+            patch(model, plugin.spec.method, mode=plugin.spec.mode)
+        check_mode(plugin.spec, model)
+        self.dense = plugin.spec.mode == "dense"
         model.requires_grad_(False)
         self.model = install_live(model, plugin)
         self.plugin = plugin
@@ -62,15 +73,18 @@ class DistillObjective(nn.Module):
 
         ``images``: ``(B, 3, H, W)``; ``labels``: ``(B,)`` (used by the ``ce`` loss only).
         """
+        run = self.model.forward_features if self.dense and self.loss_kind != "ce" else self.model
         set_pair(self.plugin, src, src)
         self.model.r = src
         with torch.no_grad():
-            teacher = self.model(images)
+            teacher = run(images)
         set_pair(self.plugin, src, tgt)
         self.model.r = tgt
-        student = self.model(images)
+        student = run(images)
         set_pair(self.plugin, src, src)
-        if self.loss_kind == "ce":
+        if self.dense and self.loss_kind != "ce":
+            loss = F.l1_loss(student.float(), teacher.float())  # (B, N, C): every token's features
+        elif self.loss_kind == "ce":
             loss = F.cross_entropy(student, labels)
         elif self.headless:
             loss = F.l1_loss(student, teacher)

@@ -38,6 +38,7 @@ class PluginSpec:
     method: str = "tome"
     variant: str = "standard"
     recipe: dict = field(default_factory=dict)
+    mode: str = "standard"  # the compression mode it was distilled in (models.patch's mode)
 
     @property
     def max_degree(self) -> int:
@@ -135,12 +136,13 @@ class Compensator(nn.Module):
     # ----- construction and files ----------------------------------------------------------
     @classmethod
     def init_for(cls, model: nn.Module, groups: int = 16, rank: int = 2, scale: float = 0.1,
-                 method: str = "tome", variant: str = "standard", arch: str | None = None) -> Compensator:
+                 method: str = "tome", variant: str = "standard", arch: str | None = None,
+                 mode: str = "standard") -> Compensator:
         """A fresh plugin shaped for ``model`` (a timm ViT)."""
         from tocom.compensator.fit import spec_for
 
         return cls(spec_for(model, groups=groups, rank=rank, scale=scale, method=method,
-                            variant=variant, arch=arch))
+                            variant=variant, arch=arch, mode=mode))
 
     def save(self, path) -> None:
         from tocom.compensator.io import save_plugin
@@ -167,4 +169,4 @@ class Compensator(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"arch={s.arch}, depth={s.depth}, dim={s.embed_dim}, groups={s.groups}, rank={s.rank}, "
-                f"scale={s.scale}, method={s.method}, variant={s.variant}")
+                f"scale={s.scale}, method={s.method}, variant={s.variant}, mode={s.mode}")

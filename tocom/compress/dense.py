@@ -31,7 +31,7 @@ def merged_owner(plan: MergePlan, num_tokens: int) -> torch.Tensor:
     return owner
 
 
-def unmerge_plan(plan: MergePlan, y: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def dense_unmerge(plan: MergePlan, y: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Give every original position the output of its merged token: (B, N - r, C) -> (B, N, C)."""
     owner = merged_owner(plan, num_tokens)
     return y.gather(1, owner[..., None].expand(-1, -1, y.shape[-1]))

@@ -75,7 +75,7 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
                 lr: float | None = None, out: str | Path = "compensator.tocom.safetensors",
                 run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
                 checkpoint_every: int = 50, device: str | None = None, seed: int = 0,
-                progress: bool = True, holdout: str | Path | None = None,
+                progress: bool = True, holdout: str | Path | None = None, mode: str = "standard",
                 holdout_pairs: Sequence[tuple[int, int]] = ((0, 16), (16, 0), (0, 8), (8, 16)),
                 eval_every: int = 0) -> tuple[Compensator, dict]:
     """Distil a plugin and write it to ``out``; returns it and a summary of the run.
@@ -91,13 +91,13 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     batch_size = batch_size or p.batch_size
     if lr is None:
         lr = lr_per_512(p.lr_per_512, batch_size * distributed.world_size()) if p.lr_per_512 else p.lr
-    model = patch(create_model(model_name, checkpoint, pretrained=pretrained).eval(), method)
+    model = patch(create_model(model_name, checkpoint, pretrained=pretrained).eval(), method, mode=mode)
     groups = groups or max_r
     if max_r > groups:
         raise ValueError(f"--max-r {max_r} needs at least that many groups, got --groups {groups}")
     torch.manual_seed(seed)  # A's random init: the same seed must give the same plugin
     plugin = Compensator.init_for(model, groups=groups, rank=rank, scale=scale, method=method,
-                                  variant=variant, arch=model_name)
+                                  variant=variant, arch=model_name, mode=mode)
     dataset = LabelledFiles(data, train_transform(p.augment, model_or_cfg=model))
     if steps is None:
         steps = max(1, (epochs or p.epochs) * (len(dataset) // (batch_size * distributed.world_size())))
@@ -122,7 +122,8 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     summary = {
         "model": model_name, "data": str(data), "images": len(dataset), "preset": preset, "steps": steps,
         "batch_size": batch_size, "lr": lr, "weight_decay": p.weight_decay, "augment": p.augment,
-        "loss": loss, "max_r": max_r, "seed": seed, "wall_s": round(time.time() - start, 1),
+        "loss": "l1_tokens" if mode == "dense" and loss == "kd" else loss, "mode": mode, "max_r": max_r,
+        "seed": seed, "wall_s": round(time.time() - start, 1),
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "world_size": distributed.world_size(),
     }

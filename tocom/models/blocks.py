@@ -15,6 +15,7 @@ from torch import nn
 
 from tocom.compress import (
     bipartite_matching,
+    dense_unmerge,
     merge_source,
     merge_wavg,
     prune,
@@ -23,6 +24,7 @@ from tocom.compress import (
 )
 
 METHODS = ("tome", "evit")
+MODES = ("standard", "dense")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class CompressionConfig:
     prop_attn: bool = True
     trace_source: bool = False
     fuse: bool = False  # EViT: fuse pruned tokens into one
+    mode: str = "standard"  # dense: merge before each MLP, unmerge after it (full-length outputs)
 
 
 def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need: str | None
@@ -98,6 +101,10 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One timm ``Block`` that removes ``r`` tokens after attention.
 
+    In ``config.mode == "dense"`` the block merges ``r`` tokens before its MLP and gives each
+    original position the MLP output of its merged token: the output stays ``(B, N, C)`` and
+    ``size``/``source`` pass through unchanged (every token still stands for its own patch).
+
     Args:
         x: (B, N, C) tokens; size: (B, N, 1) or None; source: (B, N, N0) or None.
         r: tokens to remove here (already clamped).
@@ -109,6 +116,11 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
     attn_size = size if config.prop_attn else None
     out, metric = attention(blk.attn, blk.norm1(x), attn_size, need)
     x = x + blk.drop_path1(blk.ls1(out))
+    if r > 0 and config.mode == "dense":
+        plan = bipartite_matching(metric, r, num_prefix)
+        merged, _ = merge_wavg(plan, x, size, getattr(blk, "merge_modulator", None))
+        y = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(merged))))  # the MLP on N - r tokens
+        return x + dense_unmerge(plan, y, x.shape[1]), size, source
     if r > 0:
         if config.method == "tome":
             plan = bipartite_matching(metric, r, num_prefix)

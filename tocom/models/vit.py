@@ -19,12 +19,14 @@ from tocom.compress import (
     Schedule,
     ViTDims,
     clamp_schedule,
+    dense_clamp,
+    dense_model_flops,
     gflops,
     initial_source,
     resolve_schedule,
     tokens_per_layer,
 )
-from tocom.models.blocks import METHODS, CompressionConfig, TokenState, block_forward
+from tocom.models.blocks import METHODS, MODES, CompressionConfig, TokenState, block_forward
 
 SUPPORTED = "timm VisionTransformer models (ViT, DeiT, DeiT distilled, ViTs with registers) built from Block"
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -63,19 +65,33 @@ def dims_of(model: nn.Module) -> ViTDims:
     )
 
 
-def schedule_report(model: nn.Module, r: Schedule | None = None) -> dict[str, Any]:
+def schedule_report(model: nn.Module, r: Schedule | None = None, mode: str | None = None) -> dict[str, Any]:
     """Tokens per block and analytic GFLOPs of a timm ViT at schedule ``r`` (default: ``model.r``).
 
+    ``mode`` (default: the patched model's, else ``"standard"``) decides the cost: in ``"dense"``
+    mode attention runs on every token and each MLP on ``N - r`` of them.
+
     Returns:
-        ``{"schedule": effective per-block r, "tokens": length after each block,
-        "gflops": per image, "gflops_ratio": vs r = 0}``.
+        ``{"schedule": effective per-block r, "tokens": length after each block (its attention's
+        length in the next block), "mlp_tokens": tokens each MLP runs on, "gflops": per image,
+        "gflops_ratio": vs r = 0, "mode"}``.
     """
     dims = dims_of(model)
     r = (model.r if is_patched(model) else 0) if r is None else r
-    schedule = clamp_schedule(resolve_schedule(r, dims.depth), dims.num_tokens, dims.num_prefix)
+    mode = (model._tocom.mode if is_patched(model) else "standard") if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    n, p = dims.num_tokens, dims.num_prefix
     full = gflops(dims, [0] * dims.depth)
-    return {"schedule": schedule, "tokens": tokens_per_layer(schedule, dims.num_tokens, dims.num_prefix),
-            "gflops": gflops(dims, schedule), "gflops_ratio": gflops(dims, schedule) / full}
+    if mode == "dense":
+        schedule = dense_clamp(resolve_schedule(r, dims.depth), n, p)
+        cost = dense_model_flops(dims, schedule) / 1e9
+        return {"schedule": schedule, "tokens": [n] * dims.depth, "mlp_tokens": [n - k for k in schedule],
+                "gflops": cost, "gflops_ratio": cost / full, "mode": mode}
+    schedule = clamp_schedule(resolve_schedule(r, dims.depth), n, p)
+    tokens = tokens_per_layer(schedule, n, p)
+    return {"schedule": schedule, "tokens": tokens, "mlp_tokens": tokens, "gflops": gflops(dims, schedule),
+            "gflops_ratio": gflops(dims, schedule) / full, "mode": mode}
 
 
 class CompressedViTMixin:
@@ -94,7 +110,8 @@ class CompressedViTMixin:
     def effective_schedule(self, num_tokens: int | None = None) -> list[int]:
         """Per-block r actually applied for a sequence of ``num_tokens`` (default: the model's)."""
         n = self.patch_embed.num_patches + self.num_prefix_tokens if num_tokens is None else num_tokens
-        return clamp_schedule(resolve_schedule(self.r, len(self.blocks)), n, self.num_prefix_tokens)
+        clamp = dense_clamp if self._tocom.mode == "dense" else clamp_schedule
+        return clamp(resolve_schedule(self.r, len(self.blocks)), n, self.num_prefix_tokens)
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
         """Images (B, 3, H, W) -> final normalised tokens (B, N_L, C) and their :class:`TokenState`."""
@@ -167,12 +184,15 @@ def _patched_class(cls: type) -> type:
 
 
 def patch(model: nn.Module, method: str = "tome", *, prop_attn: bool = True,
-          trace_source: bool = False, fuse: bool = False) -> nn.Module:
+          trace_source: bool = False, fuse: bool = False, mode: str = "standard") -> nn.Module:
     """Make a timm ViT reduce tokens; set the degree with ``model.r = ...`` (default 0).
 
     Args:
         model: a timm ``VisionTransformer`` (patched in place).
         method: ``"tome"`` (merge similar tokens) or ``"evit"`` (prune inattentive ones).
+        mode: ``"standard"`` (tokens removed stay removed) or ``"dense"`` (ToMe only: each block
+            merges r of its full-length input before the MLP and unmerges the MLP's output, so
+            every patch keeps its own output token, for dense prediction).
         prop_attn: add ``log(size)`` of each key to the attention logits.
         trace_source: keep the token-to-patch map in ``model.last_state.source``.
         fuse: EViT only: fuse pruned tokens into one.
@@ -182,14 +202,20 @@ def patch(model: nn.Module, method: str = "tome", *, prop_attn: bool = True,
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "dense" and method != "tome":
+        raise ValueError(f"dense mode merges tokens and unmerges them after each MLP; {method} prunes "
+                         "tokens, which cannot be unmerged: use method='tome'")
+    config = CompressionConfig(method, prop_attn, trace_source, fuse, mode)
     if is_patched(model):
-        model._tocom = CompressionConfig(method, prop_attn, trace_source, fuse)
+        model._tocom = config
         return model
     _check_supported(model)
     if method == "evit" and model.cls_token is None:
         raise ValueError("EViT ranks tokens by class-token attention; this model has no class token")
     model.__class__ = _patched_class(type(model))
-    model._tocom = CompressionConfig(method, prop_attn, trace_source, fuse)
+    model._tocom = config
     model._tocom_r = 0
     return model
 
