@@ -126,21 +126,22 @@ def test_finetune_cli_trains_and_records(task, tmp_path, capsys):
 
     out = tmp_path / "seg.safetensors"
     main(["finetune", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--data",
-          str(task), "--task", "segmentation", "--mode", "standard", "--epochs", "3", "--batch-size", "4",
+          str(task), "--task", "segmentation", "--r", "3", "--epochs", "3", "--batch-size", "4",
           "--lr", "1e-3", "--workers", "0", "--out", str(out)])
     assert "val_miou=" in capsys.readouterr().out
     model, meta = load_segmenter(out)
-    assert meta["mode"] == "standard" and meta["schedule"] == [0] * 4 and meta["source_degree"] == 0
+    assert meta["mode"] == "dense" and meta["schedule"] == [3] * 4 and meta["source_degree"] == 3
     assert meta["recipe"]["steps"] == 6 and meta["classes"][0] == "background"
     assert meta["preprocessing"]["size"] == 32
     assert 0 <= meta["recipe"]["val_miou"] <= 1
-    tocom.patch(model.backbone, trace_source=True)
+    tocom.patch(model.backbone, mode="dense")
     record = meta["preprocessing"]
     data = SegmentationFolder(task, "test", SegmentationTransform(record["size"], mean=record["mean"],
                                                                    std=record["std"]))
-    rows = segment_sweep(model, make_loader(data, 2), [0, 2], 0, progress=False)
+    rows = segment_sweep(model, make_loader(data, 2), [0, 2], 3, progress=False)
     assert [r.target for r in rows] == [0, 2] and rows[0].confusions.shape == (4, 6, 6)
     assert rows[0].miou == pytest.approx(mean_iou(rows[0].confusions.sum(0)))
+    assert rows[1].miou != rows[0].miou or rows[1].pixel_acc != rows[0].pixel_acc
     # the sweep's r=0 row is the plain model's mIoU
     tocom.unpatch(model.backbone)
     conf = sum(image_confusions(model(x).argmax(1), m, 6).sum(0) for x, m in make_loader(data, 2))
@@ -166,3 +167,24 @@ def test_paired_miou_bootstrap_against_a_loop():
     assert same.difference == same.ci_low == same.ci_high == 0
     with pytest.raises(ValueError, match="same images"):
         paired_miou_difference(a, b[:5])
+
+
+def test_sweep_with_a_dense_plugin(task):
+    from tocom.compensator import Compensator
+    from tocom.data import SegmentationFolder, SegmentationTransform
+    from tocom.jobs.evaluate import make_loader
+    from tocom.jobs.segment import segment_sweep
+
+    model = Segmenter(tocom.patch(backbone(), mode="dense"), 6)
+    plugin = Compensator.init_for(model.backbone, groups=4, rank=2, mode="dense")
+    with torch.no_grad():
+        plugin.B.normal_(0, 0.2)
+    data = SegmentationFolder(task, "test", SegmentationTransform(32))
+    rows = segment_sweep(model, make_loader(data, 2), [0, 4], 0, plugin, [0.5], progress=False)
+    by = {(r.target, r.plugin): r for r in rows}
+    assert len(rows) == 4
+    assert np.array_equal(by[(0, True)].confusions, by[(0, False)].confusions)  # no delta at the source
+    assert not np.array_equal(by[(4, True)].confusions, by[(4, False)].confusions)
+    standard = Segmenter(tocom.patch(backbone(), trace_source=True), 6)
+    with pytest.raises(ValueError, match="distilled in dense mode"):
+        segment_sweep(standard, make_loader(data, 2), [0], 0, plugin, progress=False)
