@@ -46,22 +46,23 @@ PAPER = ("ToCom appendix Table 11 (Jie et al., 2024): DeiT-B/384 encoder with Se
 class SegBudget:
     """Compute of one segmentation run; ``small`` fits a 2-core CPU in well under an hour."""
 
-    train: int = 400
-    val: int = 100
+    train: int = 300
+    val: int = 50
     test: int = 100
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 16
-    distill_steps: int = 150
+    distill_steps: int = 100
+    distill_batch: int = 16
     resamples: int = 10_000
 
 
 SEG_BUDGETS = {"small": SegBudget(),
                "smoke": SegBudget(train=16, val=4, test=6, epochs=1, batch_size=8, distill_steps=2,
-                                  resamples=200)}
+                                  distill_batch=8, resamples=200)}
 
 
 def _task(lab: Lab, budget: SegBudget) -> Path:
-    folder = lab.work / "data" / f"segshapes-{lab.budget_name}"
+    folder = lab.work / "data" / f"segshapes-{budget.train}-{budget.val}-{budget.test}"
     if not (folder / "classes.txt").is_file():
         write_segmentation_task(folder, seed=11, image_size=224, backgrounds=lab.pretraining_images,
                                 splits={"train": budget.train, "val": budget.val, "test": budget.test},
@@ -70,7 +71,8 @@ def _task(lab: Lab, budget: SegBudget) -> Path:
 
 
 def _finetuned(lab: Lab, task: Path, budget: SegBudget) -> Path:
-    out = lab.work / "models" / lab.budget_name / "segshapes_full_dense_r0.safetensors"
+    name = f"segshapes{budget.train}_full_dense_r0_{budget.epochs}ep_b{budget.batch_size}.safetensors"
+    out = lab.work / "models" / lab.budget_name / name
     if not out.is_file():
         run_dir = Path(str(out) + ".run")
         run_segment_finetune(MODEL, task, checkpoint=lab.weights, method="full", r="0", mode="dense",
@@ -81,12 +83,13 @@ def _finetuned(lab: Lab, task: Path, budget: SegBudget) -> Path:
 
 
 def _plugin(lab: Lab, budget: SegBudget) -> Path:
-    name = f"tome_dense_{TARGETS[-1]}_{budget.distill_steps}.tocom.safetensors"
+    name = f"tome_dense_{TARGETS[-1]}_{budget.distill_steps}x{budget.distill_batch}.tocom.safetensors"
     out = lab.work / "plugins" / lab.budget_name / name
     if not out.is_file():
         run_dir = Path(str(out) + ".run")
         run_distill(MODEL, lab.pretraining_images, checkpoint=lab.weights, method="tome", mode="dense",
-                    max_r=TARGETS[-1], groups=TARGETS[-1], steps=budget.distill_steps, batch_size=32, lr=1e-3,
+                    max_r=TARGETS[-1], groups=TARGETS[-1], steps=budget.distill_steps,
+                    batch_size=budget.distill_batch, lr=1e-3,
                     out=out, run_dir=run_dir, resume=(run_dir / "last.ckpt").is_file(), num_workers=0,
                     progress=lab.progress)
     return out
@@ -113,13 +116,15 @@ def segmentation(lab: Lab, out: Path) -> dict:
     transform = SegmentationTransform(record["size"], mean=record["mean"], std=record["std"])
     plugin = Compensator.load(plugin_file)
 
-    def sweep(split: str) -> list[SegRow]:
+    def sweep(split: str, targets: list[int], scales: tuple[float, ...]) -> list[SegRow]:
         data = SegmentationFolder(task, split, transform)
-        return segment_sweep(model, make_loader(data, 20), TARGETS, 0, plugin, SCALES, split=split,
+        return segment_sweep(model, make_loader(data, 20), targets, 0, plugin, scales, split=split,
                              progress=lab.progress)
 
-    chosen = _best_scales(sweep("val"))
-    test = sweep("test")
+    chosen = _best_scales(sweep("val", TARGETS, SCALES))
+    test = []  # on test, each target runs without the plugin and at its chosen scale only
+    for scale in sorted(set(chosen.values())):
+        test += sweep("test", [t for t in TARGETS if chosen[t] == scale], (scale,))
     rows, stats = [], []
     for t in TARGETS:
         base = next(r for r in test if r.target == t and not r.plugin)
