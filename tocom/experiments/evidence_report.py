@@ -194,8 +194,8 @@ def render(endpoints: dict[str, PairedDifference], closure: dict, pairs: list[di
         "",
         "| gap closed by the plugin | fraction | 95% CI |",
         "|---|---|---|",
-        *[f"| {k} | {v['fraction']:.2f} | [{v['ci_low']:.2f}, {v['ci_high']:.2f}] |" if v["fraction"] is not None
-          else f"| {k} | no gap | - |" for k, v in closure.items()],
+        *[f"| {k} | {v['fraction']:.2f} | [{v['ci_low']:.2f}, {v['ci_high']:.2f}] |"
+          if v["fraction"] is not None else f"| {k} | no gap | - |" for k, v in closure.items()],
         "",
         "## Every (source, target) pair, pooled over tasks",
         "",
