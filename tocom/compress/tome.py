@@ -73,24 +73,6 @@ def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -> Mer
     return MergePlan(unm_idx, src_idx, dst_idx, num_prefix)
 
 
-def random_matching(num_tokens: int, batch: int, r: int, num_prefix: int = 1,
-                    generator: torch.Generator | None = None, device: torch.device | None = None
-                    ) -> MergePlan:
-    """Random bipartite pairing (an ablation baseline): r random A tokens merge into random B tokens.
-
-    Returns a :class:`MergePlan` over a sequence of ``num_tokens`` with the same prefix rules.
-    """
-    na, nb = (num_tokens + 1) // 2, num_tokens // 2
-    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
-    if r < 0 or r > (num_tokens - num_prefix) // 2:
-        raise ValueError(f"cannot merge r={r} of {num_tokens} tokens with {num_prefix} protected")
-    order = torch.rand(batch, na - pa, generator=generator).argsort(dim=-1) + pa
-    src_idx = order[:, :r, None]
-    unm_idx = torch.cat([torch.arange(pa).expand(batch, pa), order[:, r:]], 1).sort(dim=1)[0][..., None]
-    dst_idx = torch.randint(pb, nb, (batch, r, 1), generator=generator)
-    return MergePlan(*(t.to(device) for t in (unm_idx, src_idx, dst_idx)), num_prefix)
-
-
 def _order(unm: torch.Tensor, dst: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Concatenate kept A and B tokens with the prefix tokens first in their original order."""
     if num_prefix <= 1:
