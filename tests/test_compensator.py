@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from conftest import tiny_vit
 
 import tocom
-from tocom.compensator import Compensator, install_live, remove_live, set_pair
+from tocom.compensator import Compensator
 
 
 def random_plugin(model, variant="standard", groups=8, seed=0):
@@ -81,12 +79,10 @@ def test_set_degree_matches_live_delta():
         tocom.set_degree(model, 6)
         folded = model(x)
     tocom.detach(model)
-    install_live(model, plugin)
-    set_pair(plugin, 2, 6)
-    model.r = 6
     with torch.no_grad():
-        live = model(x)
-    remove_live(model)
+        tokens, state = model.forward_tokens(x, r=6, qv_delta=plugin.live_delta(2, 6))
+        live = model.forward_head(tokens, size=state.size)
+    assert model.r == 2  # the live delta is per call: nothing stays on the model
     torch.testing.assert_close(live, folded, rtol=1e-4, atol=1e-5)
 
 
@@ -194,23 +190,3 @@ def test_from_pretrained_uses_hub_download(tmp_path, monkeypatch):
     loaded = Compensator.from_pretrained("someone/deit-tiny-tocom")
     assert calls == [("someone/deit-tiny-tocom", "compensator.tocom.safetensors")]
     assert torch.equal(loaded.A, plugin.A)
-
-
-def test_degree_switch_is_cheaper_than_a_forward():
-    import timm
-
-    model = timm.create_model("deit_tiny_patch16_224").eval()
-    plugin = random_plugin(model, groups=16)
-    tocom.attach(model, plugin, source=0)
-    x = torch.randn(1, 3, 224, 224)
-    with torch.inference_mode():
-        model(x)
-        start = time.perf_counter()
-        for _ in range(3):
-            model(x)
-        forward = (time.perf_counter() - start) / 3
-    start = time.perf_counter()
-    for t in (16, 4, 12):
-        tocom.set_degree(model, t)
-    switch = (time.perf_counter() - start) / 3
-    assert switch < forward, (switch, forward)

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 import tocom
-from tocom.compensator import Compensator, DistillObjective, set_pair
+from tocom.compensator import Compensator, DistillObjective
 from tocom.data import write_vtab
 from tocom.engine import TrainConfig, train
 from tocom.models.loading import save_model
@@ -37,15 +37,11 @@ def pair_losses(objective, images):
             for tgt in range(objective.max_r + 1):
                 if src == tgt:
                     continue
-                set_pair(plugin, src, src)
-                model.r = src
-                teacher = model(images).log_softmax(-1)
-                set_pair(plugin, src, tgt)
-                model.r = tgt
-                student = model(images).log_softmax(-1)
+                teacher = model(images, r=src).log_softmax(-1)
+                tokens, state = model.forward_tokens(images, r=tgt, qv_delta=plugin.live_delta(src, tgt))
+                student = model.forward_head(tokens, size=state.size).log_softmax(-1)
                 losses.append(torch.nn.functional.kl_div(student, teacher, reduction="batchmean",
                                                          log_target=True).item())
-    set_pair(plugin, 0, 0)
     return float(np.mean(losses))
 
 

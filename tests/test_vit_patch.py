@@ -91,11 +91,13 @@ def test_avg_pool_is_size_weighted():
     model.r = 3
     with torch.no_grad():
         logits = model(images())
-        tokens = model.forward_features(images())
-        full = unmerge(tokens, model.last_state.source)  # every patch gets its group's token
+        tokens, state = model.forward_tokens(images())
+        full = unmerge(tokens, state.source)  # every patch gets its group's token
         expected = model.head(model.fc_norm(full.mean(1)))
+        with pytest.raises(ValueError, match="size"):  # unweighted pooling would be silently wrong
+            model.forward_head(tokens)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.forward_head(tokens), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.forward_head(tokens, size=state.size), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["tome", "evit"])

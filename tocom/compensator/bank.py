@@ -1,4 +1,4 @@
-"""The Token Compensator plugin: a bank of low-rank groups on W_q and W_v of every block.
+"""The Token Compensator's arithmetic: a bank of low-rank groups on W_q and W_v of every block.
 
 For a model whose home degree is ``src`` running at ``tgt`` the weight delta of a projection is
 ``sign(tgt - src) * s * sum_{i=min}^{max-1} B_i A_i`` (zero when equal). Every pair reduces to a
@@ -8,6 +8,9 @@ and inference (folding ``B diag(c) A`` into the weights).
 Variants (paper Table 5): ``standard`` as above; ``shared`` ties all groups to one
 (delta = (tgt - src) * s * B A); ``no_inversion`` keeps separate groups for raising and lowering
 the degree instead of negating.
+
+This module knows nothing of files, the hub or models: :mod:`tocom.compensator.plugin` builds the
+user-facing :class:`~tocom.compensator.Compensator` on top of it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from tocom.models import QVDelta
 
 VARIANTS = ("standard", "shared", "no_inversion")
 PROJECTIONS = ("q", "v")
@@ -61,8 +66,8 @@ class PluginSpec:
         return cls(**{k: json.loads(v) for k, v in meta.items() if k in names})
 
 
-class Compensator(nn.Module):
-    """ToCom plugin. ``A``: (L, 2, K, h, attn_dim in) down-projections, ``B``: (L, 2, K, out, h) up.
+class CompensatorBank(nn.Module):
+    """ToCom plugin arithmetic. ``A``: (L, 2, K, h, in) down-projections, ``B``: (L, 2, K, out, h) up.
 
     Index 1 is the projection (q, v); K the stored groups (see :class:`PluginSpec`).
     """
@@ -90,7 +95,7 @@ class Compensator(nn.Module):
             )
 
     def coefficients(self, source: int, target: int, scale: float | None = None) -> torch.Tensor:
-        """(K,) weight of each stored group in delta(source -> target)."""
+        """(K,) float64 weight of each stored group in delta(source -> target), on the plugin's device."""
         self.check_degree(source)
         self.check_degree(target)
         s = self.spec.scale if scale is None else scale
@@ -105,64 +110,49 @@ class Compensator(nn.Module):
             c[lo:hi] = s
         else:
             c[g + lo : g + hi] = s
-        return c
+        return c.to(self.A.device)
 
     def deltas(self, source: int, target: int, scale: float | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(L, 2, attn_dim, embed_dim) weight deltas of W_q and W_v of every block.
 
-        One batched product ``B diag(c) A`` for all blocks; float32 by default (a degree switch
-        must cost less than a forward), float64 for checking the arithmetic identities.
+        float32 by default (a degree switch must cost less than a forward), float64 for checking
+        the arithmetic identities.
         """
-        c = self.coefficients(source, target, scale).to(self.A.device, dtype)
-        k = self.spec.stored_groups
-        a = self.A.to(dtype).flatten(0, 1).flatten(1, 2)  # (L*2, K*h, in)
-        b = self.B.to(dtype).flatten(0, 1)  # (L*2, K, out, h)
-        b = (b * c.view(k, 1, 1)).permute(0, 2, 1, 3).flatten(2, 3)  # (L*2, out, K*h)
+        return self.delta_of(self.coefficients(source, target, scale), dtype)
+
+    def delta_of(self, coeff: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(L, 2, attn_dim, embed_dim) dense delta ``B diag(coeff) A`` of every block, one batched
+        product over the groups whose coefficient is not zero (a switch costs what it changes)."""
+        used = coeff.nonzero().flatten()
+        a = self.A[:, :, used].to(dtype).flatten(0, 1).flatten(1, 2)  # (L*2, k*h, in)
+        b = self.B[:, :, used].to(dtype).flatten(0, 1)  # (L*2, k, out, h)
+        b = (b * coeff[used].to(b.device, dtype).view(-1, 1, 1)).permute(0, 2, 1, 3).flatten(2, 3)
         return torch.bmm(b, a).view(self.spec.depth, 2, self.spec.attn_dim, -1)
 
     def low_rank(self, layer: int, coeff: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Fused masked product for training: x (..., in) -> (..., 2, attn_dim) q and v deltas.
 
         ``coeff`` (K,) comes from :meth:`coefficients`; groups with coefficient 0 contribute 0.
+        Computed in ``x``'s dtype on ``x``'s device, whatever device the coefficients are on.
         """
         k, h = self.spec.stored_groups, self.spec.rank
         a = self.A[layer].reshape(2 * k * h, -1)
         z = x @ a.to(x.dtype).t()  # (..., 2*K*h)
-        z = z.view(*x.shape[:-1], 2, k, h) * coeff.to(x.dtype).view(k, 1)
+        z = z.view(*x.shape[:-1], 2, k, h) * coeff.to(x.device, x.dtype).view(k, 1)
         return torch.einsum("...pkh,pkoh->...po", z, self.B[layer].to(x.dtype))
 
-    # ----- construction and files ----------------------------------------------------------
-    @classmethod
-    def init_for(cls, model: nn.Module, groups: int = 16, rank: int = 2, scale: float = 0.1,
-                 method: str = "tome", variant: str = "standard", arch: str | None = None) -> Compensator:
-        """A fresh plugin shaped for ``model`` (a timm ViT)."""
-        from tocom.compensator.fit import spec_for
+    def live(self, coeff: torch.Tensor) -> QVDelta:
+        """Per-forward q/v additions ``x -> (dq, dv)`` for coefficients ``coeff`` (K,), with grads
+        to the plugin: what ``model.forward_tokens(images, qv_delta=...)`` takes."""
+        def qv_delta(layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            dq, dv = self.low_rank(layer, coeff, x).unbind(-2)
+            return dq, dv
+        return qv_delta
 
-        return cls(spec_for(model, groups=groups, rank=rank, scale=scale, method=method,
-                            variant=variant, arch=arch))
-
-    def save(self, path) -> None:
-        from tocom.compensator.io import save_plugin
-
-        save_plugin(self, path)
-
-    @classmethod
-    def load(cls, path) -> Compensator:
-        from tocom.compensator.io import load_plugin
-
-        return load_plugin(path)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_dir: str, filename: str | None = None, **hub_kwargs) -> Compensator:
-        from tocom.compensator.hub import from_pretrained
-
-        return from_pretrained(repo_or_dir, filename, **hub_kwargs)
-
-    def push_to_hub(self, repo_id: str, **hub_kwargs) -> str:
-        from tocom.compensator.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **hub_kwargs)
+    def live_delta(self, source: int, target: int, scale: float | None = None) -> QVDelta:
+        """:meth:`live` for delta(source -> target)."""
+        return self.live(self.coefficients(source, target, scale))
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tocom.compensator import attach, attachment, set_degree
+from tocom.compensator import attach, attachment, restoring, set_degree
 from tocom.compress import Schedule
 from tocom.engine.bench import sync_device
 
@@ -52,13 +52,19 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], sou
           device: str | torch.device = "cpu", split: str = "test", progress: bool = True) -> list[EvalRow]:
     """Accuracy of a patched model at each target, without and (if given) with the plugin.
 
+    The model is left as it was found: degree, and plugin attachment, degree and scale.
+
     Args:
         model: patched timm ViT fine-tuned at degree ``source``.
         targets: degrees (or, without a plugin, any schedule such as a per-block list).
         plugin: a :class:`tocom.Compensator`; each ``scales`` value gives one more row per target
             (default: the plugin's own scale).
     """
-    device = torch.device(device)
+    with restoring(model):
+        return _sweep(model, loader, targets, source, plugin, scales, torch.device(device), split, progress)
+
+
+def _sweep(model, loader, targets, source, plugin, scales, device, split, progress) -> list[EvalRow]:
     model.to(device).eval()
     targets = [tuple(t) if isinstance(t, list) else t for t in targets]  # hashable config keys
     configs: list[tuple[Schedule, float | None]] = [(t, None) for t in targets]
