@@ -59,6 +59,10 @@ def test_attach_set_degree_detach_exact():
         d = 64
         w0 = original["blocks.1.attn.qkv.weight"]
         torch.testing.assert_close(w[:d] - w0[:d], plugin.deltas(0, 4)[1, 0])
+        torch.testing.assert_close(w[2 * d:] - w0[2 * d:], plugin.deltas(0, 4)[1, 1])  # v rows
+        a, b = plugin.A.double()[1, 1], plugin.B.double()[1, 1]  # block 1, projection v, by hand
+        by_hand = 0.1 * sum(b[i] @ a[i] for i in range(4))
+        torch.testing.assert_close((w[2 * d:] - w0[2 * d:]).double(), by_hand, rtol=1e-4, atol=1e-6)
         assert torch.equal(w[d:2 * d], w0[d:2 * d])  # k untouched
         for t in (8, 2, 7, 4):
             tocom.set_degree(model, t)
@@ -190,3 +194,22 @@ def test_from_pretrained_uses_hub_download(tmp_path, monkeypatch):
     loaded = Compensator.from_pretrained("someone/deit-tiny-tocom")
     assert calls == [("someone/deit-tiny-tocom", "compensator.tocom.safetensors")]
     assert torch.equal(loaded.A, plugin.A)
+
+
+def test_evit_plugin_folds_switches_and_detaches():
+    model = tocom.patch(tiny_vit(), "evit", fuse=True)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    plugin = Compensator.init_for(model, groups=8, rank=2, scale=0.1, method="evit")
+    with torch.no_grad():
+        plugin.B.normal_(0, 0.05)
+    tocom.attach(model, plugin, source=1)
+    x = images()
+    with torch.no_grad():
+        live = model(x, r=5)
+        tocom.set_degree(model, 5)
+        folded = model(x)
+        assert model.last_state.tokens[0] == 17 - 5  # pruning, with one fused token, at the new degree
+    torch.testing.assert_close(live, folded, rtol=1e-4, atol=1e-5)
+    tocom.detach(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
