@@ -153,14 +153,16 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None,
     """
     if size is None:
         size = torch.ones_like(x[..., 0, None])
-    weighted = x * size
+    # Sizes ride along as one more channel: one gather/scatter/concat per merge instead of two,
+    # which is most of the merge's cost at batch 1, where every op is small.
+    weighted = torch.cat([x * size, size], dim=-1)
     src = None
     if modulator is not None:
         src_size = size[..., ::2, :].gather(dim=-2, index=plan.src_idx)
-        src = (modulator(*merge_pairs(plan, x)) * src_size).to(weighted.dtype)
-    x = merge(plan, weighted, mode="sum", src=src)
-    size = merge(plan, size, mode="sum")
-    return x / size, size
+        src = torch.cat([modulator(*merge_pairs(plan, x)) * src_size, src_size], dim=-1).to(weighted.dtype)
+    merged = merge(plan, weighted, mode="sum", src=src)
+    size = merged[..., -1:]
+    return merged[..., :-1] / size, size
 
 
 def merge_source(plan: MergePlan, source: torch.Tensor) -> torch.Tensor:

@@ -42,13 +42,19 @@ def sync_device(device: torch.device) -> None:
 
 def time_interleaved(runners: dict[str, Callable[[], object]], device: torch.device, rounds: int = 5,
                      warmup: int = 1, progress: bool = True) -> dict[str, float]:
-    """Median seconds per call of each runner, calling them round-robin ``rounds`` times."""
+    """Median seconds per call of each runner, calling them round-robin ``rounds`` times.
+
+    The order rotates every round, so each runner takes each position equally often (with rounds
+    a multiple of the runner count) and no position bias (caches, clock boost) favours anyone.
+    """
     for fn in runners.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in tqdm(range(rounds), desc="bench rounds", disable=not progress, leave=False):
-        for name, fn in runners.items():
+    order = list(runners.items())
+    for i in tqdm(range(rounds), desc="bench rounds", disable=not progress, leave=False):
+        shift = i % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             sync_device(device)
             start = time.perf_counter()
             fn()
