@@ -44,7 +44,7 @@ class Attachment:
 
     Attributes:
         base: (L, 2, attn_dim, embed_dim) pre-plugin W_q and W_v rows in the weights' dtype.
-        applied: delta folded in now (same shape, accumulation dtype), None when zero.
+        applied: (K,) coefficients of the delta folded in now, None when zero.
         stamps: per block, (storage pointer, version) of the qkv weight right after our last write.
     """
 
@@ -91,37 +91,42 @@ def _sync_base(att: Attachment, weights: list[torch.Tensor]) -> None:
         att.base = torch.empty_like(att.base, device=w0.device, dtype=w0.dtype)
         att.stamps = [(-1, -1)] * len(weights)
         att.plugin.to(w0.device)
-    if att.applied is not None and att.applied.device != w0.device:
-        att.applied = att.applied.to(w0.device)
+    applied = None  # the dense delta, only if some weight changed behind our back
     for i, w in enumerate(weights):
         if att.stamps[i] == _stamp(w):
             continue
         current = torch.stack(_rows(w.detach(), d))
         if att.applied is not None:
             acc = _accumulation_dtype(w.dtype)
-            current = (current.to(acc) - att.applied[i]).to(w.dtype)
+            applied = att.plugin.delta_of(att.applied, acc) if applied is None else applied
+            current = (current.to(acc) - applied[i]).to(w.dtype)
         att.base[i] = current
         att.stamps[i] = _stamp(w)
 
 
-def _fold(att: Attachment, weights: list[torch.Tensor], delta: torch.Tensor | None) -> None:
+def _fold(att: Attachment, weights: list[torch.Tensor], coeff: torch.Tensor | None) -> None:
+    """Write pre-plugin rows + delta(coeff) into every W_q and W_v, one fused product per row block
+    (``base + b @ a``, never a dense delta), rounded once to the weights' dtype."""
     d = att.plugin.spec.attn_dim
+    factors = None
+    if coeff is not None:
+        factors = att.plugin.factors(coeff, _accumulation_dtype(weights[0].dtype))
     for i, w in enumerate(weights):
-        q, v = _rows(w, d)
-        if delta is None:
-            q.copy_(att.base[i, 0])
-            v.copy_(att.base[i, 1])
-        else:
-            acc = delta.dtype
-            q.copy_(att.base[i, 0].to(acc) + delta[i, 0])
-            v.copy_(att.base[i, 1].to(acc) + delta[i, 1])
+        for p, rows in enumerate(_rows(w, d)):
+            if factors is None:
+                rows.copy_(att.base[i, p])
+            elif factors[0].dtype == rows.dtype:
+                torch.addmm(att.base[i, p], factors[0][i, p], factors[1][i, p], out=rows)
+            else:  # 16-bit weights: the sum in float32, rounded once
+                b, a = factors[0][i, p], factors[1][i, p]
+                rows.copy_(torch.addmm(att.base[i, p].to(b.dtype), b, a))
         att.stamps[i] = _stamp(w)
-    att.applied = delta
+    att.applied = coeff
 
 
-def _delta(att: Attachment, target: int, scale: float | None, dtype: torch.dtype) -> torch.Tensor | None:
+def _coefficients(att: Attachment, target: int, scale: float | None) -> torch.Tensor | None:
     coeff = att.plugin.coefficients(att.source, target, scale)
-    return None if not coeff.any() else att.plugin.delta_of(coeff, dtype)
+    return coeff if coeff.any() else None
 
 
 def _at_degree(model: nn.Module, r: Schedule) -> QVDelta | None:
@@ -180,7 +185,7 @@ def set_degree(model: nn.Module, target: int, scale: float | None = None) -> nn.
         scale = att.scale if scale is None else scale
         weights = _weights(model)
         _sync_base(att, weights)
-        _fold(att, weights, _delta(att, target, scale, _accumulation_dtype(weights[0].dtype)))
+        _fold(att, weights, _coefficients(att, target, scale))
         att.degree, att.scale = target, scale
         model.r = target
     return model

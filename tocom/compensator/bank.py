@@ -122,13 +122,18 @@ class CompensatorBank(nn.Module):
         return self.delta_of(self.coefficients(source, target, scale), dtype)
 
     def delta_of(self, coeff: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(L, 2, attn_dim, embed_dim) dense delta ``B diag(coeff) A`` of every block, one batched
-        product over the groups whose coefficient is not zero (a switch costs what it changes)."""
+        """(L, 2, attn_dim, embed_dim) dense delta ``B diag(coeff) A`` of every block."""
+        b, a = self.factors(coeff, dtype)
+        return torch.bmm(b.flatten(0, 1), a.flatten(0, 1)).view(self.spec.depth, 2, self.spec.attn_dim, -1)
+
+    def factors(self, coeff: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``delta = b @ a`` per block and projection: b (L, 2, out, k*h) with the coefficients
+        folded in, a (L, 2, k*h, in), over only the k groups whose coefficient is not zero."""
         used = coeff.nonzero().flatten()
-        a = self.A[:, :, used].to(dtype).flatten(0, 1).flatten(1, 2)  # (L*2, k*h, in)
-        b = self.B[:, :, used].to(dtype).flatten(0, 1)  # (L*2, k, out, h)
-        b = (b * coeff[used].to(b.device, dtype).view(-1, 1, 1)).permute(0, 2, 1, 3).flatten(2, 3)
-        return torch.bmm(b, a).view(self.spec.depth, 2, self.spec.attn_dim, -1)
+        a = self.A[:, :, used].to(dtype).flatten(2, 3)  # (L, 2, k*h, in)
+        b = self.B[:, :, used].to(dtype) * coeff[used].to(self.B.device, dtype).view(-1, 1, 1)
+        return b.permute(0, 1, 3, 2, 4).flatten(3, 4), a  # (L, 2, out, k*h)
 
     def low_rank(self, layer: int, coeff: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Fused masked product for training: x (..., in) -> (..., 2, attn_dim) q and v deltas.
