@@ -128,12 +128,16 @@ class CompensatorBank(nn.Module):
 
     def factors(self, coeff: torch.Tensor, dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``delta = b @ a`` per block and projection: b (L, 2, out, k*h) with the coefficients
-        folded in, a (L, 2, k*h, in), over only the k groups whose coefficient is not zero."""
+        """``delta = b @ a`` per block and projection: b (L, 2, out, k*h), a (L, 2, k*h, in) with
+        the coefficients folded in, over only the k groups whose coefficient is not zero."""
         used = coeff.nonzero().flatten()
-        a = self.A[:, :, used].to(dtype).flatten(2, 3)  # (L, 2, k*h, in)
-        b = self.B[:, :, used].to(dtype) * coeff[used].to(self.B.device, dtype).view(-1, 1, 1)
-        return b.permute(0, 1, 3, 2, 4).flatten(3, 4), a  # (L, 2, out, k*h)
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
+        # Degrees select a run of groups: slice (a view, no copy) unless the run has holes.
+        pick = slice(lo, hi) if hi - lo == len(used) else used
+        c = coeff[pick].to(self.A.device, dtype).view(-1, 1, 1)
+        a = (self.A[:, :, pick].to(dtype) * c).flatten(2, 3)  # (L, 2, k*h, in)
+        b = self.B[:, :, pick].to(dtype).permute(0, 1, 3, 2, 4).flatten(3, 4)  # (L, 2, out, k*h)
+        return b, a
 
     def low_rank(self, layer: int, coeff: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Fused masked product for training: x (..., in) -> (..., 2, attn_dim) q and v deltas.
