@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import random_plugin, tiny_vit
 
 import tocom
 from tocom.compensator import Compensator
-
-
-def random_plugin(model, variant="standard", groups=8, seed=0):
-    plugin = Compensator.init_for(model, groups=groups, rank=2, scale=0.1, variant=variant)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        plugin.B.copy_(torch.randn(plugin.B.shape, generator=g) * 0.05)
-    return plugin
 
 
 def images(n=2):
@@ -24,7 +16,7 @@ def images(n=2):
 
 @pytest.mark.parametrize("variant", ["standard", "shared", "no_inversion"])
 def test_deltas_add_up_and_invert(variant):
-    plugin = random_plugin(tiny_vit(), variant)
+    plugin = random_plugin(tiny_vit(), variant=variant)
     d = lambda s, t: plugin.deltas(s, t, dtype=torch.float64)
     torch.testing.assert_close(d(0, 4) + d(4, 8), d(0, 8), rtol=0, atol=1e-12)
     assert torch.equal(d(5, 5), torch.zeros_like(d(5, 5)))

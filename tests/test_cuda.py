@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import random_plugin, tiny_vit
 
 import tocom
 from tocom.compensator import Compensator, DistillObjective
@@ -17,12 +17,6 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 D = 64
 
-
-def random_plugin(model):
-    plugin = Compensator.init_for(model, groups=8, rank=2, scale=0.1)
-    with torch.no_grad():
-        plugin.B.copy_(torch.randn(plugin.B.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-    return plugin
 
 
 def images(n=4, dtype=torch.float32):

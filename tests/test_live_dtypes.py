@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import random_plugin, tiny_vit
 
 import tocom
 from tocom.compensator import Compensator, DistillObjective
 
 D = 64
 
-
-def random_plugin(model, seed=0):
-    plugin = Compensator.init_for(model, groups=8, rank=2, scale=0.1)
-    with torch.no_grad():
-        plugin.B.copy_(torch.randn(plugin.B.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
-    return plugin
 
 
 def images(dtype, n=2):

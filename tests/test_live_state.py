@@ -11,21 +11,14 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import random_plugin, tiny_vit
 
 import tocom
-from tocom.compensator import Compensator, attachment
+from tocom.compensator import attachment
 from tocom.compress import prune, prune_plan, resolve_schedule
 
 D = 64  # tiny_vit's attention dim
 
-
-def random_plugin(model, groups=8, seed=0, method="tome"):
-    plugin = Compensator.init_for(model, groups=groups, rank=2, scale=0.1, method=method)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        plugin.B.copy_(torch.randn(plugin.B.shape, generator=g) * 0.05)
-    return plugin
 
 
 def images(n=2, seed=3):
