@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,11 +57,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--compiled", action="store_true", help="also time every runner under torch.compile")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the thread's CPU time (needs --threads 1), robust on a shared machine")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        p.error("--clock cpu measures one thread on the CPU: add --threads 1 and use --device cpu")
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {args.threads} threads, {device}, {args.rounds} rounds, medians")
+    print(f"torch {torch.__version__}, {args.threads} threads, {device}, {args.clock} clock, "
+          f"{args.rounds} rounds, medians")
     print("| model | batch | mode | configuration | ms / batch | vs stock |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.model:
@@ -70,7 +77,8 @@ def main() -> None:
             for mode in ["eager"] + (["compiled"] if args.compiled else []):
                 runners = runners_for(model, args.r, x, mode == "compiled")
                 with torch.inference_mode():
-                    seconds = time_interleaved(runners, device, rounds=args.rounds, warmup=2, progress=False)
+                    seconds = time_interleaved(runners, device, rounds=args.rounds, warmup=2, progress=False,
+                                               clock=clock)
                 for config, s in seconds.items():
                     ratio = seconds["stock timm"] / s
                     row = {"model": name, "batch": batch, "mode": mode, "config": config,
