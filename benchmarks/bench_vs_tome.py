@@ -51,7 +51,7 @@ def runners_for(model: torch.nn.Module, rs: list[int], x: torch.Tensor, compiled
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["deit_small_patch16_224"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--batch-sizes", "--batch-size", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--r", type=int, nargs="+", default=[0, 16])
     p.add_argument("--rounds", type=int, default=12, help="a multiple of the runner count rotates fairly")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

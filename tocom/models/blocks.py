@@ -61,6 +61,12 @@ class CompressionConfig:
     fuse: bool = False  # EViT: fuse pruned tokens into one
 
 
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, skipping the call of a plain ``nn.Identity`` (layer scale, drop-path, q/k norm
+    switched off): at batch 1 a module call costs about what a small kernel does."""
+    return x if type(module) is nn.Identity else module(x)
+
+
 def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need: str | None,
               qv: tuple[torch.Tensor, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,7 +91,7 @@ def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need:
         heads = (batch, n, attn.num_heads, attn.head_dim)
         q = q + qv[0].reshape(heads).transpose(1, 2).to(q.dtype)
         v = v + qv[1].reshape(heads).transpose(1, 2).to(v.dtype)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _call(attn.q_norm, q), _call(attn.k_norm, k)
     bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
@@ -100,10 +106,11 @@ def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need:
             logits = logits + bias
         metric = logits.softmax(dim=-1).mean(1)[:, 0]
     out = out.transpose(1, 2).reshape(batch, n, -1)
-    out = attn.norm(out)
+    out = _call(attn.norm, out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), metric
+    out = attn.proj(out)
+    return (attn.proj_drop(out) if attn.training else out), metric
 
 
 def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | None,
@@ -124,7 +131,7 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
     attn_size = size if config.prop_attn else None
     h = blk.norm1(x)
     out, metric = attention(blk.attn, h, attn_size, need, None if qv_delta is None else qv_delta(layer, h))
-    x = x + blk.drop_path1(blk.ls1(out))
+    x = x + _call(blk.drop_path1, _call(blk.ls1, out))
     if r > 0:
         if config.method == "tome":
             plan = bipartite_matching(metric, r, num_prefix)
@@ -138,5 +145,5 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
                 source = prune_source(plan, source)
             # Under proportional attention the class attention already counts each token's size.
             x, size = prune(plan, x, size, attn_includes_size=attn_size is not None)
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = x + _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x))))
     return x, size, source
