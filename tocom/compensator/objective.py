@@ -1,9 +1,10 @@
 """Self-distillation objective that trains a compensator against a frozen backbone.
 
 Each step draws a pair ``src != tgt`` from 0..max_r. The teacher is the backbone at ``src``
-(no grad, no delta); the student is the same backbone at ``tgt`` with delta(src -> tgt) applied
-by the live wrappers. Loss: KL(teacher || student) on soft targets, L1 on pooled features for a
-headless backbone, or (ablation) cross-entropy on labels.
+(no grad, no delta); the student is the same backbone at ``tgt`` with delta(src -> tgt) added to
+q and v on the fly (a per-call ``qv_delta``: nothing is stored on the model between calls).
+Loss: KL(teacher || student) on soft targets, L1 on pooled features for a headless backbone, or
+(ablation) cross-entropy on labels.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tocom.compensator.live import install_live, remove_live, set_pair
-from tocom.compensator.plugin import Compensator
+from tocom.compensator.bank import CompensatorBank
 from tocom.models import is_patched, patch
 
 LOSSES = ("kd", "ce")
@@ -32,7 +32,7 @@ def sample_pair(max_r: int, rng: random.Random | None = None) -> tuple[int, int]
 class DistillObjective(nn.Module):
     """``objective((images, labels)) -> (loss, {"src": s, "tgt": t})``; only the plugin trains."""
 
-    def __init__(self, model: nn.Module, plugin: Compensator, max_r: int | None = None, loss: str = "kd"):
+    def __init__(self, model: nn.Module, plugin: CompensatorBank, max_r: int | None = None, loss: str = "kd"):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -43,7 +43,7 @@ class DistillObjective(nn.Module):
         if not is_patched(model):
             patch(model, plugin.spec.method)
         model.requires_grad_(False)
-        self.model = install_live(model, plugin)
+        self.model = model
         self.plugin = plugin
         self.loss_kind = loss
         self.headless = getattr(model, "num_classes", 0) == 0
@@ -62,14 +62,10 @@ class DistillObjective(nn.Module):
 
         ``images``: ``(B, 3, H, W)``; ``labels``: ``(B,)`` (used by the ``ce`` loss only).
         """
-        set_pair(self.plugin, src, src)
-        self.model.r = src
         with torch.no_grad():
-            teacher = self.model(images)
-        set_pair(self.plugin, src, tgt)
-        self.model.r = tgt
-        student = self.model(images)
-        set_pair(self.plugin, src, src)
+            teacher = self.model(images, r=src)
+        tokens, state = self.model.forward_tokens(images, r=tgt, qv_delta=self.plugin.live_delta(src, tgt))
+        student = self.model.forward_head(tokens, size=state.size)
         if self.loss_kind == "ce":
             loss = F.cross_entropy(student, labels)
         elif self.headless:
@@ -80,5 +76,5 @@ class DistillObjective(nn.Module):
         return loss
 
     def release(self) -> nn.Module:
-        """The backbone without live wrappers (the plugin keeps its trained weights)."""
-        return remove_live(self.model)
+        """The backbone, exactly as given (nothing was installed in it); the plugin keeps its weights."""
+        return self.model

@@ -21,7 +21,6 @@ from tocom.compress.tome import (
     merge_source,
     merge_wavg,
     modulate_sources,
-    random_matching,
 )
 from tocom.compress.unmerge import initial_source, token_assignment, unmerge
 
@@ -29,7 +28,7 @@ __all__ = [
     "NAMED_SCHEDULES", "MergePlan", "Modulator", "PrunePlan", "Schedule", "ViTDims", "bipartite_matching",
     "check_unclamped", "clamp_schedule", "gflops", "initial_source", "merge", "merge_pairs", "merge_source",
     "merge_wavg", "model_flops", "modulate_sources", "named_schedule", "parse_schedule", "prune",
-    "prune_plan", "prune_source", "random_matching",
+    "prune_plan", "prune_source",
     "ratio_schedule", "resolve_schedule", "schedule_from_flops", "token_assignment",
     "tokens_per_layer", "unmerge",
 ]
