@@ -29,6 +29,17 @@ def tiny_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
     return timm.create_model(name, **args).eval()
 
 
+def random_plugin(model: torch.nn.Module, groups: int = 8, seed: int = 0, method: str = "tome",
+                  variant: str = "standard"):
+    """A compensator for ``model`` with random (seeded) up-projections, so its deltas are not zero."""
+    from tocom.compensator import Compensator
+
+    plugin = Compensator.init_for(model, groups=groups, rank=2, scale=0.1, method=method, variant=variant)
+    with torch.no_grad():
+        plugin.B.copy_(torch.randn(plugin.B.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    return plugin
+
+
 @pytest.fixture
 def shared() -> Path:
     if not SHARED.is_dir():

@@ -17,7 +17,6 @@ from tocom.compress import (
     modulate_sources,
     prune,
     prune_plan,
-    random_matching,
     ratio_schedule,
     resolve_schedule,
     schedule_from_flops,
@@ -147,14 +146,6 @@ def test_modulate_sources_changes_only_sources():
     assert torch.all(changed.sum(1) == 3)
     a_src = (2 * plan.src_idx[..., 0])
     assert torch.all(changed.gather(1, a_src))
-
-
-def test_random_matching_respects_prefix():
-    plan = random_matching(11, 2, 3, num_prefix=2, generator=torch.Generator().manual_seed(0))
-    assert torch.all(plan.src_idx >= 1) and torch.all(plan.dst_idx >= 1)
-    x = torch.randn(2, 11, 4)
-    merged, _ = merge_wavg(plan, x, None)
-    torch.testing.assert_close(merged[:, :2], x[:, :2])
 
 
 def test_matching_rejects_impossible_r():

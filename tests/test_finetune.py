@@ -18,7 +18,7 @@ from tocom.cli import main
 from tocom.data import write_vtab
 from tocom.finetuned import checkpoint_metadata, load_model
 from tocom.jobs.finetune import ClassifyObjective, add_method, run_finetune
-from tocom.peft import add_lora, merge
+from tocom.peft import add_lora, fold
 from tocom.pyra import add_pyra
 from tocom.train import TrainConfig, train
 
@@ -67,7 +67,7 @@ def test_lora_fold_gives_the_same_outputs():
             if p.ndim == 3 or p.shape == (64,) and not p.any():  # LoRA A/B and PYRA W_D: move off init
                 p.normal_(0, 0.1)
     unfolded = model(IMAGES[:4])
-    folded = merge(model)(IMAGES[:4])
+    folded = fold(model)(IMAGES[:4])
     assert not any("lora" in k for k in model.state_dict())
     assert torch.allclose(unfolded, folded, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Tests for tocom.peft: LoRA on fused qkv, AdaptFormer, merge, trainability, errors."""
+"""Tests for tocom.peft: LoRA on fused qkv, AdaptFormer, fold, trainability, errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from tocom.peft import (
     add_lora,
     base_linear,
     count_parameters,
+    fold,
     mark_trainable,
-    merge,
     remove_adaptformer,
     remove_lora,
     trainable_parameters,
@@ -60,7 +60,7 @@ def test_lora_identity_at_init_then_merge_matches(kind: str, images: torch.Tenso
     randomise_lora(model)
     unmerged = model(images)
     assert (unmerged - ref).abs().max() > 1e-3  # the LoRA now does something
-    merge(model)
+    fold(model)
     assert not any(isinstance(m, LoRAQKV) for m in model.modules())
     assert all(type(blk.attn.qkv) is nn.Linear for blk in model.blocks)
     torch.testing.assert_close(model(images), unmerged, atol=1e-5, rtol=1e-5)
@@ -78,7 +78,7 @@ def test_lora_qv_leaves_k_slice_unchanged() -> None:
     torch.testing.assert_close(delta[:D], qkv.lora_B[0] @ qkv.lora_A[0])
     torch.testing.assert_close(delta[2 * D:], qkv.lora_B[1] @ qkv.lora_A[1])
     before = qkv.base.weight.detach().clone()
-    merge(model)
+    fold(model)
     after = model.blocks[0].attn.qkv.weight
     assert torch.equal(after[D:2 * D], before[D:2 * D])
     torch.testing.assert_close(after - before, delta)
@@ -177,7 +177,7 @@ def test_adaptformer_identity_effect_and_removal(kind: str, images: torch.Tensor
     ad = blk.mlp.adapter
     expected = h + blk.ls2(mlp(norm2(h)) + 0.1 * ad.up(torch.relu(ad.down(h))))
     torch.testing.assert_close(blk(x), expected)
-    merge(model)  # cannot fold AdaptFormer: it must stay
+    fold(model)  # cannot fold AdaptFormer: it must stay
     assert isinstance(model.blocks[0].mlp, ParallelAdapterMLP)
     remove_adaptformer(model)
     assert model.blocks[0].norm2 is norm2 and model.blocks[0].mlp is mlp
@@ -241,7 +241,7 @@ def test_double_add_and_unsupported_models() -> None:
         add_adaptformer(model)
     with pytest.raises(ValueError, match="bottleneck"):
         add_adaptformer(tiny_vit(), bottleneck=0)
-    add_lora(merge(model))  # after merging, LoRA can be added again
+    add_lora(fold(model))  # after merging, LoRA can be added again
     for bad in (nn.Sequential(nn.Linear(4, 4)), type("M", (nn.Module,), {})()):
         with pytest.raises(TypeError, match="VisionTransformer"):
             add_lora(bad)

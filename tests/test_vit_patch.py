@@ -91,25 +91,35 @@ def test_avg_pool_is_size_weighted():
     model.r = 3
     with torch.no_grad():
         logits = model(images())
-        tokens = model.forward_features(images())
-        full = unmerge(tokens, model.last_state.source)  # every patch gets its group's token
+        tokens, state = model.forward_tokens(images())
+        full = unmerge(tokens, state.source)  # every patch gets its group's token
         expected = model.head(model.fc_norm(full.mean(1)))
+        with pytest.raises(ValueError, match="size"):  # unweighted pooling would be silently wrong
+            model.forward_head(tokens)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.forward_head(tokens), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.forward_head(tokens, size=state.size), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["tome", "evit"])
-def test_gradients_reach_input_and_checkpointing(method):
+def test_gradient_checkpointing_gives_the_same_gradients(method):
     model = tocom.patch(tiny_vit(drop_path_rate=0.1), method)
     model.train()
     model.r = 2
-    x = images().requires_grad_(True)
-    model(x).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    model.set_grad_checkpointing(True)
-    x2 = images().requires_grad_(True)
-    model(x2).sum().backward()
-    assert x2.grad.abs().sum() > 0
+
+    def grads(checkpointing):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        x = images().requires_grad_(True)
+        torch.manual_seed(0)  # the same drop-path draws; checkpointing replays them on recompute
+        model(x).sum().backward()
+        return x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    x_plain, plain = grads(False)
+    x_ckpt, ckpt = grads(True)
+    assert x_plain.abs().sum() > 0
+    torch.testing.assert_close(x_ckpt, x_plain, rtol=1e-5, atol=1e-6)
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_repeated_calls_and_inference_mode_agree():
@@ -148,11 +158,42 @@ def test_patch_twice_is_noop():
     assert type(model).__name__ == "VisionTransformer"
 
 
+def class_attention(model, x):
+    """Block 0's head-averaged attention of the class token, computed straight from timm's modules."""
+    blk = model.blocks[0]
+    tokens = model._pos_embed(model.patch_embed(x))
+    h = blk.norm1(tokens)
+    b, n, _ = h.shape
+    heads, hd = blk.attn.num_heads, blk.attn.head_dim
+    q, k, _ = blk.attn.qkv(h).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    logits = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] * hd ** -0.5  # (B, heads, N)
+    return logits.softmax(-1).mean(1)
+
+
 def test_evit_prunes_by_class_attention():
     model = tocom.patch(tiny_vit(), "evit", trace_source=True)
     model.r = [4, 0, 0, 0]
+    x = images()
+    with torch.no_grad():
+        model(x)
+        attn = torch.stack([class_attention(model, x[i:i + 1])[0] for i in range(2)])  # (B, 17)
+    source = model.last_state.source
+    assert torch.all(source.sum(-1) == 1)  # pruned tokens vanish from the map
+    survivors = source.argmax(-1)  # original position of each surviving token, in order
+    for i in range(2):
+        top = attn[i, 1:].topk(16 - 4).indices + 1
+        assert survivors[i].tolist() == [0] + sorted(top.tolist())
+
+
+def test_evit_fuse_accounts_for_every_patch():
+    model = tocom.patch(tiny_vit(), "evit", trace_source=True, fuse=True)
+    model.r = [3, 2, 0, 0]
     with torch.no_grad():
         model(images())
-    kept = model.last_state.source.sum(-1)
-    assert torch.all(kept == 1)  # pruned tokens vanish from the map
-    assert model.last_state.tokens[0] == 17 - 4
+    state = model.last_state
+    assert state.tokens == [17 - 3, 17 - 5, 12, 12]
+    # Every patch is in exactly one token, the fused tokens own the union of what they absorbed.
+    torch.testing.assert_close(state.source.sum(-1, keepdim=True)[:, 1:], state.size[:, 1:])
+    assert torch.all(state.source[:, 1:].sum(1)[:, 1:] == 1)
+    assert torch.all(state.size[:, 1:].sum(1) == 16)
+    assert torch.all(state.size.amax(1) > 3)  # the fused token of block 1 holds block 0's one

@@ -1,15 +1,38 @@
-"""Attaching a plugin to a model and switching its degree by folding deltas into W_q and W_v."""
+"""Attaching a plugin to a model and switching its degree by folding deltas into W_q and W_v.
+
+The model's weights are the truth. The attachment remembers the delta it has folded in, so the
+pre-plugin weights are always *current weights minus applied delta*: a ``load_state_dict``, a
+LoRA fold or an optimizer step after :func:`attach` is kept across switches (loaded weights are read
+as weights at the current degree). For exact, drift-free switching it also keeps the pre-plugin
+W_q/W_v rows, but only trusts them while each weight tensor is the one it last wrote (same
+storage, same version counter); any other change to a weight re-derives them.
+
+Every change runs under the model's state lock (:func:`tocom.models.state_lock`), so a forward
+on another thread never sees a half-switched model.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from tocom.compensator.bank import CompensatorBank
 from tocom.compensator.fit import check_fits, check_mode
-from tocom.compensator.plugin import Compensator
-from tocom.models import is_patched, patch
+from tocom.compress import Schedule
+from tocom.models import (
+    PluginHooks,
+    QVDelta,
+    is_patched,
+    patch,
+    plugin_hooks,
+    set_plugin_hooks,
+    state_lock,
+    unpatch,
+)
 from tocom.peft import base_linear
 
 _KEY = "_tocom_compensator"
@@ -17,22 +40,38 @@ _KEY = "_tocom_compensator"
 
 @dataclass
 class Attachment:
-    """What :func:`attach` keeps on the model (outside its module tree and state dict)."""
+    """What :func:`attach` keeps on the model (outside its module tree and state dict).
 
-    plugin: Compensator
+    Attributes:
+        base: (L, 2, attn_dim, embed_dim) pre-plugin W_q and W_v rows in the weights' dtype.
+        applied: (K,) coefficients of the delta folded in now, None when zero.
+        stamps: per block, (storage pointer, version) of the qkv weight right after our last write.
+    """
+
+    plugin: CompensatorBank
     source: int
     degree: int
     scale: float | None
-    originals: torch.Tensor  # (L, 2, attn_dim, embed_dim): untouched W_q and W_v, for exact detach
+    base: torch.Tensor
+    applied: torch.Tensor | None = None
+    stamps: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _qv_rows(model: nn.Module) -> list[tuple[torch.Tensor, slice, slice]]:
-    out = []
-    for blk in model.blocks:
-        weight = base_linear(blk.attn.qkv).weight
-        d = blk.attn.num_heads * blk.attn.head_dim
-        out.append((weight, slice(0, d), slice(2 * d, 3 * d)))
-    return out
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of 16-bit weights and deltas are formed in float32 and rounded once."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [base_linear(blk.attn.qkv).weight for blk in model.blocks]
+
+
+def _rows(weight: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return weight[:d], weight[2 * d:]
+
+
+def _stamp(weight: torch.Tensor) -> tuple[int, int]:
+    return weight.data_ptr(), weight._version
 
 
 def attachment(model: nn.Module) -> Attachment:
@@ -44,10 +83,71 @@ def attachment(model: nn.Module) -> Attachment:
     return att
 
 
-def attach(model: nn.Module, plugin: Compensator, source: int, scale: float | None = None) -> nn.Module:
+def _sync_base(att: Attachment, weights: list[torch.Tensor]) -> None:
+    """Re-derive the pre-plugin rows of every weight changed since our last write."""
+    d = att.plugin.spec.attn_dim
+    w0 = weights[0]
+    if att.base.device != w0.device or att.base.dtype != w0.dtype:  # the model was moved or cast
+        att.base = torch.empty_like(att.base, device=w0.device, dtype=w0.dtype)
+        att.stamps = [(-1, -1)] * len(weights)
+        att.plugin.to(w0.device)
+    applied = None  # the dense delta, only if some weight changed behind our back
+    for i, w in enumerate(weights):
+        if att.stamps[i] == _stamp(w):
+            continue
+        current = torch.stack(_rows(w.detach(), d))
+        if att.applied is not None:
+            acc = _accumulation_dtype(w.dtype)
+            applied = att.plugin.delta_of(att.applied, acc) if applied is None else applied
+            current = (current.to(acc) - applied[i]).to(w.dtype)
+        att.base[i] = current
+        att.stamps[i] = _stamp(w)
+
+
+def _fold(att: Attachment, weights: list[torch.Tensor], coeff: torch.Tensor | None) -> None:
+    """Write pre-plugin rows + delta(coeff) into every W_q and W_v, one fused product per row block
+    (``base + b @ a``, never a dense delta), rounded once to the weights' dtype."""
+    d = att.plugin.spec.attn_dim
+    factors = None
+    if coeff is not None:
+        factors = att.plugin.factors(coeff, _accumulation_dtype(weights[0].dtype))
+    for i, w in enumerate(weights):
+        for p, rows in enumerate(_rows(w, d)):
+            if factors is None:
+                rows.copy_(att.base[i, p])
+            elif factors[0].dtype == rows.dtype:
+                torch.addmm(att.base[i, p], factors[0][i, p], factors[1][i, p], out=rows)
+            else:  # 16-bit weights: the sum in float32, rounded once
+                b, a = factors[0][i, p], factors[1][i, p]
+                rows.copy_(torch.addmm(att.base[i, p].to(b.dtype), b, a))
+        att.stamps[i] = _stamp(w)
+    att.applied = coeff
+
+
+def _coefficients(att: Attachment, target: int, scale: float | None) -> torch.Tensor | None:
+    coeff = att.plugin.coefficients(att.source, target, scale)
+    return coeff if coeff.any() else None
+
+
+def _at_degree(model: nn.Module, r: Schedule) -> QVDelta | None:
+    """Live additions that make the weights as folded now behave as at degree ``r`` (one call)."""
+    att = attachment(model)
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"a compensated model runs at an int degree, got {r!r}; "
+                         "tocom.detach(model) to run other schedules")
+    att.plugin.check_degree(r)
+    if r == att.degree:
+        return None
+    coeff = att.plugin.coefficients(att.source, r, att.scale) - att.plugin.coefficients(
+        att.source, att.degree, att.scale)
+    return att.plugin.live(coeff) if coeff.any() else None
+
+
+def attach(model: nn.Module, plugin: CompensatorBank, source: int, scale: float | None = None) -> nn.Module:
     """Attach ``plugin`` to a model fine-tuned at degree ``source`` (patching it if needed).
 
-    The model then runs at ``source`` with no delta; :func:`set_degree` moves it.
+    The model then runs at ``source`` with no delta; :func:`set_degree` moves it, and
+    ``model(x, r=t)`` runs one call at degree ``t`` without moving it.
     """
     check_fits(plugin.spec, model)
     plugin.check_degree(source)
@@ -55,12 +155,20 @@ def attach(model: nn.Module, plugin: Compensator, source: int, scale: float | No
         raise ValueError("a compensator is already attached; call tocom.detach(model) first")
     if not is_patched(model):
         patch(model, plugin.spec.method, mode=plugin.spec.mode)
+    elif model._tocom.method != plugin.spec.method:
+        raise ValueError(f"the plugin was trained for {plugin.spec.method} but the model is patched for "
+                         f"{model._tocom.method}; use a {model._tocom.method} plugin or "
+                         f"tocom.patch(model, {plugin.spec.method!r}) first")
     check_mode(plugin.spec, model)
-    rows = _qv_rows(model)
-    originals = torch.stack([torch.stack([w[q], w[v]]) for w, q, v in rows]).detach().clone()
-    plugin = plugin.to(device=originals.device)
-    model.__dict__[_KEY] = Attachment(plugin, source, source, scale, originals)
-    model.r = source
+    with state_lock(model).exclusive():
+        weights = _weights(model)
+        d = plugin.spec.attn_dim
+        base = torch.stack([torch.stack(_rows(w.detach(), d)) for w in weights]).clone()
+        plugin.to(device=base.device)
+        model.__dict__[_KEY] = Attachment(plugin, source, source, scale, base,
+                                          stamps=[_stamp(w) for w in weights])
+        set_plugin_hooks(model, PluginHooks(plugin.spec.method, _at_degree, detach, plugin.spec.mode))
+        model.r = source
     return model
 
 
@@ -68,27 +176,60 @@ def attach(model: nn.Module, plugin: Compensator, source: int, scale: float | No
 def set_degree(model: nn.Module, target: int, scale: float | None = None) -> nn.Module:
     """Run the model at degree ``target``: sets ``model.r`` and folds delta(source -> target).
 
-    Weights are rebuilt from the untouched originals, so switching many times never drifts.
+    Atomic with respect to forwards on other threads: it waits for running ones, and new ones
+    wait for it. Weights are rebuilt from the pre-plugin rows, so switching never drifts.
     """
-    att = attachment(model)
-    att.plugin.check_degree(target)
-    scale = att.scale if scale is None else scale
-    deltas = att.plugin.deltas(att.source, target, scale, dtype=att.originals.dtype)
-    for (weight, q, v), orig, delta in zip(_qv_rows(model), att.originals, deltas):
-        weight[q] = (orig[0] + delta[0]).to(weight.dtype)
-        weight[v] = (orig[1] + delta[1]).to(weight.dtype)
-    att.degree, att.scale = target, scale
-    model.r = target
+    attachment(model)  # a clear error before touching the lock of a model that may be unpatched
+    with state_lock(model).exclusive():
+        att = attachment(model)
+        att.plugin.check_degree(target)
+        scale = att.scale if scale is None else scale
+        weights = _weights(model)
+        _sync_base(att, weights)
+        _fold(att, weights, _coefficients(att, target, scale))
+        att.degree, att.scale = target, scale
+        model.r = target
     return model
 
 
 @torch.no_grad()
 def detach(model: nn.Module) -> nn.Module:
-    """Remove the plugin: W_q and W_v get their original values back, bit for bit."""
-    att = attachment(model)
-    for (weight, q, v), orig in zip(_qv_rows(model), att.originals):
-        weight[q] = orig[0]
-        weight[v] = orig[1]
-    del model.__dict__[_KEY]
-    model.r = att.source
+    """Remove the plugin: W_q and W_v lose its delta (bit for bit, unless changed meanwhile)."""
+    attachment(model)
+    with state_lock(model).exclusive():
+        att = attachment(model)
+        weights = _weights(model)
+        _sync_base(att, weights)
+        _fold(att, weights, None)
+        del model.__dict__[_KEY]
+        set_plugin_hooks(model, None)
+        model.r = att.source
     return model
+
+
+@contextmanager
+def restoring(model: nn.Module) -> Iterator[nn.Module]:
+    """Leave the model as it was found: patched or not, its degree, and its plugin's attachment,
+    degree and scale (a plugin attached inside the block is detached on exit)."""
+    was_patched = is_patched(model)
+    r = model.r if was_patched else None
+    before = model.__dict__.get(_KEY)
+    degree, scale = (before.degree, before.scale) if before is not None else (None, None)
+    try:
+        yield model
+    finally:
+        now = model.__dict__.get(_KEY)
+        if now is not None and now is not before:
+            detach(model)
+        if before is not None and model.__dict__.get(_KEY) is before:
+            before.scale = scale
+            set_degree(model, degree)
+        if not was_patched:
+            unpatch(model)
+        elif is_patched(model):
+            model.r = r
+
+
+def is_attached(model: nn.Module) -> bool:
+    """Whether a compensator is attached."""
+    return _KEY in model.__dict__ and plugin_hooks(model) is not None

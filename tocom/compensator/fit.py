@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from tocom.compensator.bank import PluginSpec
 from tocom.models import dims_of
 
 
@@ -12,28 +13,25 @@ def _arch_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def spec_for(model: nn.Module, **kwargs):
+def spec_for(model: nn.Module, **kwargs) -> PluginSpec:
     """A :class:`PluginSpec` for ``model``; ``kwargs`` set groups, rank, scale, method, variant, arch."""
-    from tocom.compensator.plugin import PluginSpec
-
     dims = dims_of(model)
     arch = kwargs.pop("arch", None) or _arch_name(model)
     return PluginSpec(arch=arch, embed_dim=dims.embed_dim, depth=dims.depth,
                       num_heads=model.blocks[0].attn.num_heads, attn_dim=dims.attn_dim, **kwargs)
 
 
-def check_mode(spec, model: nn.Module) -> None:
+def check_mode(spec: PluginSpec, model: nn.Module) -> None:
     """Raise ValueError when a patched ``model`` runs another compression mode than ``spec`` was
     distilled in (a standard plugin compensates shortened sequences, a dense one full-length ones)."""
     config = getattr(model, "_tocom", None)
-    mode = getattr(spec, "mode", "standard")
-    if config is not None and config.mode != mode:
-        raise ValueError(f"the plugin was distilled in {mode} mode but the model is patched in "
+    if config is not None and config.mode != spec.mode:
+        raise ValueError(f"the plugin was distilled in {spec.mode} mode but the model is patched in "
                          f"{config.mode} mode; use a plugin distilled in {config.mode} mode "
-                         f"(tocom distill --mode {config.mode}) or tocom.patch(model, mode={mode!r})")
+                         f"(tocom distill --mode {config.mode}) or tocom.patch(model, mode={spec.mode!r})")
 
 
-def check_fits(spec, model: nn.Module) -> None:
+def check_fits(spec: PluginSpec, model: nn.Module) -> None:
     """Raise ValueError naming every way ``spec`` does not fit ``model``."""
     here = spec_for(model)
     problems = [

@@ -5,6 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from tocom.compensator.bank import CompensatorBank
+from tocom.compensator.io import T, load_plugin, save_plugin
+
 PLUGIN_SUFFIX = ".tocom.safetensors"
 DEFAULT_FILENAME = "compensator" + PLUGIN_SUFFIX
 
@@ -20,20 +23,19 @@ def _find_in_dir(folder: Path, filename: str | None) -> Path:
     return found[0]
 
 
-def from_pretrained(repo_or_dir: str, filename: str | None = None, **hub_kwargs):
+def from_pretrained(repo_or_dir: str, filename: str | None = None, cls: type[T] = CompensatorBank,
+                    **hub_kwargs) -> T:
     """Load a plugin from a local folder or a hub repo (``hf_hub_download``, so caches and
     ``HF_HUB_OFFLINE=1`` work as usual)."""
-    from tocom.compensator.io import load_plugin
-
     folder = Path(repo_or_dir)
     if folder.is_dir():
-        return load_plugin(_find_in_dir(folder, filename))
+        return load_plugin(_find_in_dir(folder, filename), cls)
     from huggingface_hub import hf_hub_download
 
-    return load_plugin(hf_hub_download(repo_or_dir, filename or DEFAULT_FILENAME, **hub_kwargs))
+    return load_plugin(hf_hub_download(repo_or_dir, filename or DEFAULT_FILENAME, **hub_kwargs), cls)
 
 
-def model_card(plugin) -> str:
+def model_card(plugin: CompensatorBank) -> str:
     """A README for the repo: what the plugin is for, its shape and its training recipe."""
     s = plugin.spec
     recipe = "\n".join(f"| {k} | {v} |" for k, v in sorted(s.recipe.items())) or "| (not recorded) | |"
@@ -69,7 +71,8 @@ tocom.set_degree(model, 16)             # fold delta(0 -> 16) into the weights
 """
 
 
-def push_to_hub(plugin, repo_id: str, filename: str = DEFAULT_FILENAME, private: bool = False,
+def push_to_hub(plugin: CompensatorBank, repo_id: str, filename: str = DEFAULT_FILENAME,
+                private: bool = False,
                 **hub_kwargs) -> str:
     """Upload the plugin file and a model card; returns the commit URL."""
     from huggingface_hub import HfApi
@@ -77,7 +80,7 @@ def push_to_hub(plugin, repo_id: str, filename: str = DEFAULT_FILENAME, private:
     api = HfApi(**hub_kwargs)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        plugin.save(Path(tmp) / filename)
+        save_plugin(plugin, Path(tmp) / filename)
         (Path(tmp) / "README.md").write_text(model_card(plugin))
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message="Upload tocom compensator")
     return str(info)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from tocom.atomic import atomic_write
+from tocom.compensator.bank import CompensatorBank, PluginSpec
+
+T = TypeVar("T", bound=CompensatorBank)
 
 
-def save_plugin(plugin, path: str | os.PathLike) -> Path:
+def save_plugin(plugin: CompensatorBank, path: str | os.PathLike) -> Path:
     """Write atomically (temporary file + rename) so a crash never leaves half a plugin."""
     from safetensors.torch import save_file
 
@@ -21,11 +25,9 @@ def save_plugin(plugin, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_plugin(path: str | os.PathLike):
-    """Read a plugin file, checking that the tensors agree with the metadata."""
+def load_plugin(path: str | os.PathLike, cls: type[T] = CompensatorBank) -> T:
+    """Read a plugin file into a new ``cls``, checking that the tensors agree with the metadata."""
     from safetensors import safe_open
-
-    from tocom.compensator.plugin import Compensator, PluginSpec
 
     path = Path(path)
     if not path.is_file():
@@ -37,7 +39,7 @@ def load_plugin(path: str | os.PathLike):
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{path} is not a readable plugin file ({err}); re-download or re-train it") from err
     spec = PluginSpec.from_metadata(meta)
-    plugin = Compensator(spec)
+    plugin = cls(spec)
     for name in ("A", "B"):
         expected = getattr(plugin, name).shape
         if name not in tensors or tensors[name].shape != expected:

@@ -1,17 +1,18 @@
 """Self-distillation objective that trains a compensator against a frozen backbone.
 
 Each step draws a pair ``src != tgt`` from 0..max_r. The teacher is the backbone at ``src``
-(no grad, no delta); the student is the same backbone at ``tgt`` with delta(src -> tgt) applied
-by the live wrappers. Loss: KL(teacher || student) on soft targets, L1 on pooled features for a
-headless backbone, or (ablation) cross-entropy on labels.
+(no grad, no delta); the student is the same backbone at ``tgt`` with delta(src -> tgt) added to
+q and v on the fly (a per-call ``qv_delta``: nothing is stored on the model between calls).
+Loss: KL(teacher || student) on soft targets, L1 on pooled features for a headless backbone, or
+(ablation) cross-entropy on labels.
 
 A plugin for dense mode (``plugin.spec.mode == "dense"``) is distilled with L1 on the per-token
-outputs of ``forward_features`` (every token, normalised by the final norm), with or without a
-head. Dense consumers (a segmentation decoder) read every token, so every token is supervised;
-the pre-trained classifier only ever saw the pooled or class token, so a KL on per-token class
-predictions would distil a head applied off its training distribution, and a KL on the image
-logits would supervise one token's path alone. L1 (rather than MSE) as ToCom uses for headless
-backbones: robust to the few large-norm outlier tokens of ViTs.
+outputs of ``forward_tokens`` (every token, after the final norm), with or without a head. Dense
+consumers (a segmentation decoder) read every token, so every token is supervised; the pre-trained
+classifier only ever saw the pooled or class token, so a KL on per-token class predictions would
+distil a head applied off its training distribution, and a KL on the image logits would supervise
+one token's path alone. L1 rather than MSE, as ToCom uses for headless backbones: less swayed by
+the few large-norm outlier tokens of ViTs.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tocom.compensator.bank import CompensatorBank
 from tocom.compensator.fit import check_mode
-from tocom.compensator.live import install_live, remove_live, set_pair
-from tocom.compensator.plugin import Compensator
 from tocom.models import is_patched, patch
 
 LOSSES = ("kd", "ce")
@@ -41,7 +41,7 @@ def sample_pair(max_r: int, rng: random.Random | None = None) -> tuple[int, int]
 class DistillObjective(nn.Module):
     """``objective((images, labels)) -> (loss, {"src": s, "tgt": t})``; only the plugin trains."""
 
-    def __init__(self, model: nn.Module, plugin: Compensator, max_r: int | None = None, loss: str = "kd"):
+    def __init__(self, model: nn.Module, plugin: CompensatorBank, max_r: int | None = None, loss: str = "kd"):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -54,7 +54,7 @@ class DistillObjective(nn.Module):
         check_mode(plugin.spec, model)
         self.dense = plugin.spec.mode == "dense"
         model.requires_grad_(False)
-        self.model = install_live(model, plugin)
+        self.model = model
         self.plugin = plugin
         self.loss_kind = loss
         self.headless = getattr(model, "num_classes", 0) == 0
@@ -73,18 +73,16 @@ class DistillObjective(nn.Module):
 
         ``images``: ``(B, 3, H, W)``; ``labels``: ``(B,)`` (used by the ``ce`` loss only).
         """
-        run = self.model.forward_features if self.dense and self.loss_kind != "ce" else self.model
-        set_pair(self.plugin, src, src)
-        self.model.r = src
-        with torch.no_grad():
-            teacher = run(images)
-        set_pair(self.plugin, src, tgt)
-        self.model.r = tgt
-        student = run(images)
-        set_pair(self.plugin, src, src)
         if self.dense and self.loss_kind != "ce":
-            loss = F.l1_loss(student.float(), teacher.float())  # (B, N, C): every token's features
-        elif self.loss_kind == "ce":
+            with torch.no_grad():
+                teacher, _ = self.model.forward_tokens(images, r=src)
+            student, _ = self.model.forward_tokens(images, r=tgt, qv_delta=self.plugin.live_delta(src, tgt))
+            return F.l1_loss(student.float(), teacher.float())  # (B, N, C): every token's features
+        with torch.no_grad():
+            teacher = self.model(images, r=src)
+        tokens, state = self.model.forward_tokens(images, r=tgt, qv_delta=self.plugin.live_delta(src, tgt))
+        student = self.model.forward_head(tokens, size=state.size)
+        if self.loss_kind == "ce":
             loss = F.cross_entropy(student, labels)
         elif self.headless:
             loss = F.l1_loss(student, teacher)
@@ -94,5 +92,5 @@ class DistillObjective(nn.Module):
         return loss
 
     def release(self) -> nn.Module:
-        """The backbone without live wrappers (the plugin keeps its trained weights)."""
-        return remove_live(self.model)
+        """The backbone, exactly as given (nothing was installed in it); the plugin keeps its weights."""
+        return self.model

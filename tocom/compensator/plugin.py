@@ -1,172 +1,48 @@
-"""The Token Compensator plugin: a bank of low-rank groups on W_q and W_v of every block.
+"""The user-facing plugin: :class:`Compensator` = the arithmetic of
+:class:`~tocom.compensator.bank.CompensatorBank` plus construction for a model, files and the hub.
 
-For a model whose home degree is ``src`` running at ``tgt`` the weight delta of a projection is
-``sign(tgt - src) * s * sum_{i=min}^{max-1} B_i A_i`` (zero when equal). Every pair reduces to a
-coefficient per stored group, so one code path serves training (a fused masked low-rank product)
-and inference (folding ``B diag(c) A`` into the weights).
-
-Variants (paper Table 5): ``standard`` as above; ``shared`` ties all groups to one
-(delta = (tgt - src) * s * B A); ``no_inversion`` keeps separate groups for raising and lowering
-the degree instead of negating.
+Layering inside the package: ``bank`` (arithmetic) <- ``io`` (files) <- ``hub``; ``bank`` <- ``fit``
+(shapes read off a model); this module sits on top of all four, so nothing below knows it.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field
+import os
 
-import torch
 from torch import nn
 
-VARIANTS = ("standard", "shared", "no_inversion")
-PROJECTIONS = ("q", "v")
+from tocom.compensator import hub, io
+from tocom.compensator.bank import VARIANTS, CompensatorBank, PluginSpec
+from tocom.compensator.fit import spec_for
+
+__all__ = ["VARIANTS", "Compensator", "PluginSpec"]
 
 
-@dataclass(frozen=True)
-class PluginSpec:
-    """Everything that defines a plugin's shape and meaning (stored as file metadata)."""
+class Compensator(CompensatorBank):
+    """A ToCom plugin (see :class:`CompensatorBank` for the tensors and their arithmetic)."""
 
-    arch: str
-    embed_dim: int
-    depth: int
-    num_heads: int
-    attn_dim: int
-    groups: int = 16
-    rank: int = 2
-    scale: float = 0.1
-    method: str = "tome"
-    variant: str = "standard"
-    recipe: dict = field(default_factory=dict)
-    mode: str = "standard"  # the compression mode it was distilled in (models.patch's mode)
-
-    @property
-    def max_degree(self) -> int:
-        return self.groups
-
-    @property
-    def stored_groups(self) -> int:
-        return {"standard": self.groups, "shared": 1, "no_inversion": 2 * self.groups}[self.variant]
-
-    def to_metadata(self) -> dict[str, str]:
-        meta = {k: json.dumps(v) for k, v in asdict(self).items()}
-        meta["max_degree"] = json.dumps(self.max_degree)
-        meta["format"] = "tocom-compensator/1"
-        return meta
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> PluginSpec:
-        if meta.get("format") != "tocom-compensator/1":
-            raise ValueError(f"not a tocom compensator file (format={meta.get('format')!r})")
-        names = cls.__dataclass_fields__
-        return cls(**{k: json.loads(v) for k, v in meta.items() if k in names})
-
-
-class Compensator(nn.Module):
-    """ToCom plugin. ``A``: (L, 2, K, h, attn_dim in) down-projections, ``B``: (L, 2, K, out, h) up.
-
-    Index 1 is the projection (q, v); K the stored groups (see :class:`PluginSpec`).
-    """
-
-    def __init__(self, spec: PluginSpec):
-        super().__init__()
-        if spec.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {spec.variant!r}")
-        if spec.groups < 1 or spec.rank < 1:
-            raise ValueError(f"groups and rank must be >= 1, got {spec.groups}, {spec.rank}")
-        self.spec = spec
-        k, h = spec.stored_groups, spec.rank
-        a = torch.empty(spec.depth, 2, k, h, spec.embed_dim)
-        # LoRA-style init: random down-projections, zero up-projections (delta starts at zero).
-        nn.init.kaiming_uniform_(a.view(-1, spec.embed_dim), a=math.sqrt(5))
-        self.A = nn.Parameter(a)
-        self.B = nn.Parameter(torch.zeros(spec.depth, 2, k, spec.attn_dim, h))
-
-    # ----- arithmetic ---------------------------------------------------------------------
-    def check_degree(self, degree: int) -> None:
-        if not 0 <= degree <= self.spec.max_degree:
-            raise ValueError(
-                f"degree {degree} is outside this plugin's range 0..{self.spec.max_degree}; "
-                "train a plugin with more groups (--groups) for larger degrees"
-            )
-
-    def coefficients(self, source: int, target: int, scale: float | None = None) -> torch.Tensor:
-        """(K,) weight of each stored group in delta(source -> target)."""
-        self.check_degree(source)
-        self.check_degree(target)
-        s = self.spec.scale if scale is None else scale
-        g, lo, hi = self.spec.groups, min(source, target), max(source, target)
-        sign = 1.0 if target > source else -1.0
-        c = torch.zeros(self.spec.stored_groups, dtype=torch.float64)
-        if self.spec.variant == "standard":
-            c[lo:hi] = sign * s
-        elif self.spec.variant == "shared":
-            c[0] = (target - source) * s
-        elif target > source:
-            c[lo:hi] = s
-        else:
-            c[g + lo : g + hi] = s
-        return c
-
-    def deltas(self, source: int, target: int, scale: float | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(L, 2, attn_dim, embed_dim) weight deltas of W_q and W_v of every block.
-
-        One batched product ``B diag(c) A`` for all blocks; float32 by default (a degree switch
-        must cost less than a forward), float64 for checking the arithmetic identities.
-        """
-        c = self.coefficients(source, target, scale).to(self.A.device, dtype)
-        k = self.spec.stored_groups
-        a = self.A.to(dtype).flatten(0, 1).flatten(1, 2)  # (L*2, K*h, in)
-        b = self.B.to(dtype).flatten(0, 1)  # (L*2, K, out, h)
-        b = (b * c.view(k, 1, 1)).permute(0, 2, 1, 3).flatten(2, 3)  # (L*2, out, K*h)
-        return torch.bmm(b, a).view(self.spec.depth, 2, self.spec.attn_dim, -1)
-
-    def low_rank(self, layer: int, coeff: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Fused masked product for training: x (..., in) -> (..., 2, attn_dim) q and v deltas.
-
-        ``coeff`` (K,) comes from :meth:`coefficients`; groups with coefficient 0 contribute 0.
-        """
-        k, h = self.spec.stored_groups, self.spec.rank
-        a = self.A[layer].reshape(2 * k * h, -1)
-        z = x @ a.to(x.dtype).t()  # (..., 2*K*h)
-        z = z.view(*x.shape[:-1], 2, k, h) * coeff.to(x.dtype).view(k, 1)
-        return torch.einsum("...pkh,pkoh->...po", z, self.B[layer].to(x.dtype))
-
-    # ----- construction and files ----------------------------------------------------------
     @classmethod
     def init_for(cls, model: nn.Module, groups: int = 16, rank: int = 2, scale: float = 0.1,
                  method: str = "tome", variant: str = "standard", arch: str | None = None,
                  mode: str = "standard") -> Compensator:
-        """A fresh plugin shaped for ``model`` (a timm ViT)."""
-        from tocom.compensator.fit import spec_for
-
+        """A fresh plugin shaped for ``model`` (a timm ViT); ``mode`` is the compression mode it serves."""
         return cls(spec_for(model, groups=groups, rank=rank, scale=scale, method=method,
                             variant=variant, arch=arch, mode=mode))
 
-    def save(self, path) -> None:
-        from tocom.compensator.io import save_plugin
-
-        save_plugin(self, path)
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a ``.tocom.safetensors`` file (atomically)."""
+        io.save_plugin(self, path)
 
     @classmethod
-    def load(cls, path) -> Compensator:
-        from tocom.compensator.io import load_plugin
-
-        return load_plugin(path)
+    def load(cls, path: str | os.PathLike) -> Compensator:
+        """Read a plugin file written by :meth:`save`."""
+        return io.load_plugin(path, cls)
 
     @classmethod
     def from_pretrained(cls, repo_or_dir: str, filename: str | None = None, **hub_kwargs) -> Compensator:
-        from tocom.compensator.hub import from_pretrained
-
-        return from_pretrained(repo_or_dir, filename, **hub_kwargs)
+        """Load from a local folder or a Hugging Face hub repo."""
+        return hub.from_pretrained(repo_or_dir, filename, cls, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, **hub_kwargs) -> str:
-        from tocom.compensator.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **hub_kwargs)
-
-    def extra_repr(self) -> str:
-        s = self.spec
-        return (f"arch={s.arch}, depth={s.depth}, dim={s.embed_dim}, groups={s.groups}, rank={s.rank}, "
-                f"scale={s.scale}, method={s.method}, variant={s.variant}, mode={s.mode}")
+        """Upload the plugin file and a model card; returns the commit URL."""
+        return hub.push_to_hub(self, repo_id, **hub_kwargs)

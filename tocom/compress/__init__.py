@@ -22,7 +22,6 @@ from tocom.compress.tome import (
     merge_source,
     merge_wavg,
     modulate_sources,
-    random_matching,
 )
 from tocom.compress.unmerge import initial_source, token_assignment, unmerge
 
@@ -31,6 +30,6 @@ __all__ = [
     "check_unclamped", "clamp_schedule", "dense_clamp", "dense_model_flops", "dense_unmerge", "gflops",
     "initial_source", "merge", "merge_pairs", "merge_source", "merge_wavg", "merged_owner", "model_flops",
     "modulate_sources", "named_schedule", "parse_schedule", "prune", "prune_plan", "prune_source",
-    "random_matching", "ratio_schedule", "resolve_schedule", "schedule_from_flops", "token_assignment",
-    "tokens_per_layer", "unmerge",
+    "ratio_schedule", "resolve_schedule", "schedule_from_flops", "token_assignment", "tokens_per_layer",
+    "unmerge",
 ]

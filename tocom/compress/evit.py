@@ -61,13 +61,18 @@ def prune_plan(cls_attn: torch.Tensor, r: int, num_prefix: int = 1, fuse: bool =
     return PrunePlan(keep_idx, drop[..., None], drop_weight, fuse and r > 0)
 
 
-def prune(plan: PrunePlan, x: torch.Tensor, size: torch.Tensor | None
+def prune(plan: PrunePlan, x: torch.Tensor, size: torch.Tensor | None, attn_includes_size: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply a plan to tokens and sizes.
+
+    A fused token is the average of the dropped ones weighted by the class attention their
+    patches get together. Under proportional attention (``log(size)`` added to the logits) a
+    token's attention already is that total; otherwise it is one patch's share, times its size.
 
     Args:
         x: (B, N, C) tokens.
         size: (B, N, 1) patches per token or None (all ones).
+        attn_includes_size: whether the plan's class attention came from proportional attention.
 
     Returns:
         tokens (B, N - r, C) and sizes (B, N - r, 1) (None stays None when nothing is fused).
@@ -79,7 +84,7 @@ def prune(plan: PrunePlan, x: torch.Tensor, size: torch.Tensor | None
         return kept, kept_size
     dropped = x.gather(1, plan.drop_idx.expand(-1, -1, c))
     drop_size = torch.ones_like(plan.drop_weight) if size is None else size.gather(1, plan.drop_idx)
-    weight = plan.drop_weight * drop_size
+    weight = plan.drop_weight if attn_includes_size else plan.drop_weight * drop_size
     fused = (dropped * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1e-12)
     if kept_size is None:
         kept_size = torch.ones_like(kept[..., :1])

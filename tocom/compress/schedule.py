@@ -3,9 +3,10 @@
 A schedule says how many tokens each block removes (its degree ``r``). Users give it as
 
 * an ``int``: the same r in every block;
-* a ``list``/``tuple`` of ints, one per block (a shorter list is padded with zeros);
-* a pair ``(r, inflection)`` with a float inflection in [-1, 1]: a linear ramp whose mean is r,
-  decreasing for inflection < 0 and increasing for inflection > 0 (ToMe's convention);
+* a ``list`` of ints, one per block (a shorter list is padded with zeros);
+* a ``tuple`` ``(r, inflection)`` with an inflection (int or float) in [-1, 1]: a linear ramp
+  whose mean is r, decreasing for inflection < 0 and increasing for inflection > 0 (ToMe's
+  convention, which reads every tuple this way);
 
 and :func:`schedule_from_flops` derives one from a target FLOPs ratio (PYRA, supplementary Eq. 1).
 The effective schedule additionally respects that one block removes at most
@@ -17,23 +18,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-Schedule = int | Sequence[int] | tuple[int, float]
+Schedule = int | list[int] | tuple[int, float]
 
 
-def _is_inflection_pair(r: object) -> bool:
-    return (
-        isinstance(r, tuple)
-        and len(r) == 2
-        and isinstance(r[0], int)
-        and isinstance(r[1], float)
-    )
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _inflection_pair(r: tuple) -> tuple[int, float]:
+    """Read a tuple, which is always ``(r, inflection)``: the container decides, not the elements."""
+    if len(r) != 2 or not _is_int(r[0]) or not isinstance(r[1], (int, float)) or isinstance(r[1], bool):
+        raise TypeError(
+            f"a tuple schedule is (r: int, inflection: float), got {r!r}; write a per-block schedule as a "
+            f"list, e.g. {list(r)!r}"
+        )
+    return r[0], float(r[1])
 
 
 def resolve_schedule(r: Schedule, depth: int) -> list[int]:
     """Expand a user schedule into one non-negative int per block.
 
     Args:
-        r: an int, a list of ints (padded with zeros to ``depth``), or ``(r, inflection)``.
+        r: an int, a list of ints (padded with zeros to ``depth``), or a tuple ``(r, inflection)``.
         depth: number of blocks.
 
     Returns:
@@ -41,7 +47,7 @@ def resolve_schedule(r: Schedule, depth: int) -> list[int]:
 
     Raises:
         ValueError: negative degrees, a list longer than ``depth``, an inflection outside [-1, 1].
-        TypeError: anything that is not one of the forms above.
+        TypeError: anything that is not one of the forms above (e.g. a tuple of three ints).
     """
     if depth <= 0:
         raise ValueError(f"depth must be positive, got {depth}")
@@ -51,8 +57,8 @@ def resolve_schedule(r: Schedule, depth: int) -> list[int]:
         if r < 0:
             raise ValueError(f"r must be >= 0 (tokens removed per block), got {r}")
         return [r] * depth
-    if _is_inflection_pair(r):
-        mean, inflection = r
+    if isinstance(r, tuple):
+        mean, inflection = _inflection_pair(r)
         if mean < 0:
             raise ValueError(f"r must be >= 0 (tokens removed per block), got {mean}")
         if not -1.0 <= inflection <= 1.0:
@@ -64,9 +70,9 @@ def resolve_schedule(r: Schedule, depth: int) -> list[int]:
         last = 2 * mean - first
         step = (last - first) / (depth - 1)
         return [int(first + step * i) for i in range(depth)]
-    if isinstance(r, (list, tuple)):
+    if isinstance(r, list):
         values = list(r)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not all(_is_int(v) for v in values):
             raise TypeError(f"a per-block schedule must hold ints, got {values!r}")
         if len(values) > depth:
             raise ValueError(f"schedule has {len(values)} entries but the model has {depth} blocks")
@@ -74,7 +80,7 @@ def resolve_schedule(r: Schedule, depth: int) -> list[int]:
             raise ValueError(f"r must be >= 0 in every block, got {values}")
         return values + [0] * (depth - len(values))
     raise TypeError(
-        f"a schedule is an int, a list of ints or (r: int, inflection: float); got {type(r).__name__}"
+        f"a schedule is an int, a list of ints or a tuple (r: int, inflection: float); got {type(r).__name__}"
     )
 
 

@@ -57,38 +57,22 @@ def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -> Mer
     n = metric.shape[1]
     if r < 0 or r > (n - num_prefix) // 2:
         raise ValueError(f"cannot merge r={r} of {n} tokens with {num_prefix} protected")
+    # Plain 3-D slicing and direct kernels: at batch 1 Python dispatch is a good part of the cost.
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)
+        metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = torch.bmm(a, b.transpose(1, 2))
         # Prefix token i sits in A (even i) at row i // 2, or in B (odd i) at column i // 2.
-        scores[..., : (num_prefix + 1) // 2, :] = -math.inf
-        scores[..., :, : num_prefix // 2] = -math.inf
+        scores.narrow(1, 0, (num_prefix + 1) // 2).fill_(-math.inf)
+        if num_prefix > 1:
+            scores.narrow(2, 0, num_prefix // 2).fill_(-math.inf)
 
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[..., r:, :].sort(dim=1)[0]
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        edge_idx = node_max.argsort(dim=-1, descending=True).unsqueeze(-1)
+        unm_idx = edge_idx[:, r:].sort(dim=1)[0]
+        src_idx = edge_idx[:, :r]
+        dst_idx = node_idx.unsqueeze(-1).gather(dim=1, index=src_idx)
     return MergePlan(unm_idx, src_idx, dst_idx, num_prefix)
-
-
-def random_matching(num_tokens: int, batch: int, r: int, num_prefix: int = 1,
-                    generator: torch.Generator | None = None, device: torch.device | None = None
-                    ) -> MergePlan:
-    """Random bipartite pairing (an ablation baseline): r random A tokens merge into random B tokens.
-
-    Returns a :class:`MergePlan` over a sequence of ``num_tokens`` with the same prefix rules.
-    """
-    na, nb = (num_tokens + 1) // 2, num_tokens // 2
-    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
-    if r < 0 or r > (num_tokens - num_prefix) // 2:
-        raise ValueError(f"cannot merge r={r} of {num_tokens} tokens with {num_prefix} protected")
-    order = torch.rand(batch, na - pa, generator=generator).argsort(dim=-1) + pa
-    src_idx = order[:, :r, None]
-    unm_idx = torch.cat([torch.arange(pa).expand(batch, pa), order[:, r:]], 1).sort(dim=1)[0][..., None]
-    dst_idx = torch.randint(pb, nb, (batch, r, 1), generator=generator)
-    return MergePlan(*(t.to(device) for t in (unm_idx, src_idx, dst_idx)), num_prefix)
 
 
 def _order(unm: torch.Tensor, dst: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -116,13 +100,13 @@ def merge(plan: MergePlan, x: torch.Tensor, mode: str = "sum", src: torch.Tensor
     Returns:
         (B, N - r, C).
     """
-    a, b = x[..., ::2, :], x[..., 1::2, :]
+    a, b = x[:, ::2], x[:, 1::2]
     batch, na, c = a.shape
     r = plan.r
-    unm = a.gather(dim=-2, index=plan.unm_idx.expand(batch, na - r, c))
+    unm = a.gather(dim=1, index=plan.unm_idx.expand(batch, na - r, c))
     if src is None:
-        src = a.gather(dim=-2, index=plan.src_idx.expand(batch, r, c))
-    b = b.scatter_reduce(-2, plan.dst_idx.expand(batch, r, c), src, reduce=mode)
+        src = a.gather(dim=1, index=plan.src_idx.expand(batch, r, c))
+    b = b.scatter_reduce(1, plan.dst_idx.expand(batch, r, c), src, reduce=mode)
     return _order(unm, b, plan.num_prefix)
 
 
@@ -170,15 +154,17 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None,
         merged tokens (B, N - r, C) and their sizes (B, N - r, 1).
     """
     if size is None:
-        size = torch.ones_like(x[..., 0, None])
-    weighted = x * size
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    # Sizes ride along as one more channel: one gather/scatter/concat per merge instead of two,
+    # which is most of the merge's cost at batch 1, where every op is small.
+    weighted = torch.cat([x * size, size], dim=-1)
     src = None
     if modulator is not None:
         src_size = size[..., ::2, :].gather(dim=-2, index=plan.src_idx)
-        src = (modulator(*merge_pairs(plan, x)) * src_size).to(weighted.dtype)
-    x = merge(plan, weighted, mode="sum", src=src)
-    size = merge(plan, size, mode="sum")
-    return x / size, size
+        src = torch.cat([modulator(*merge_pairs(plan, x)) * src_size, src_size], dim=-1).to(weighted.dtype)
+    merged = merge(plan, weighted, mode="sum", src=src)
+    size = merged[:, :, -1:]
+    return merged[:, :, :-1] / size, size
 
 
 def merge_source(plan: MergePlan, source: torch.Tensor) -> torch.Tensor:

@@ -152,10 +152,11 @@ class Evidence:
                       self.p.test_images)
         return self.work / "predictions" / f"{model.stem}-{key}.json"
 
-    def models(self) -> Iterator[tuple[str, int, int]]:
-        for task in self.p.tasks:
-            for source in self.p.sources:
-                for seed in self.p.finetune_seeds:
+    def models(self, seeds: tuple[int, ...] | None = None) -> Iterator[tuple[str, int, int]]:
+        """(task, source, seed) units, seed by seed: a run stopped early holds whole seeds."""
+        for seed in self.p.finetune_seeds if seeds is None else seeds:
+            for task in self.p.tasks:
+                for source in self.p.sources:
                     yield task, source, seed
 
     # ----- stages -------------------------------------------------------------------------
@@ -171,35 +172,48 @@ class Evidence:
                 seed=seed, progress=self.progress, holdout=held, eval_every=self.p.plugin_eval_every)
             _write_json(Path(str(out) + ".json"), summary)
 
+    def run_models(self) -> None:
+        """``finetune`` then ``predict`` per model, so a run stopped early has whole units of both."""
+        for unit in self._todo("finetune+predict", list(self.models()),
+                               lambda u: self.predictions_path(self.model_path(*u))
+                               if self.model_path(*u).is_file() else self.model_path(*u)):
+            if not self.model_path(*unit).is_file():
+                self._finetune(*unit)
+            self._predict(*unit)
+
     def run_finetune(self) -> None:
-        for task, source, seed in self._todo("finetune", list(self.models()),
-                                             lambda unit: self.model_path(*unit)):
-            out = self.model_path(task, source, seed)
-            run_dir = Path(str(out) + ".run")
-            run_finetune(MODEL, self.task_dir(task), checkpoint=self.weights, method=self.p.method,
-                         preset=self.p.preset, r=str(source), epochs=self.p.epochs,
-                         batch_size=self.p.batch_size, val_every=1, out=out, run_dir=run_dir,
-                         resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers,
-                         device=self.device, seed=seed, progress=self.progress)
+        for unit in self._todo("finetune", list(self.models()), lambda u: self.model_path(*u)):
+            self._finetune(*unit)
+
+    def _finetune(self, task: str, source: int, seed: int) -> None:
+        out = self.model_path(task, source, seed)
+        run_dir = Path(str(out) + ".run")
+        run_finetune(MODEL, self.task_dir(task), checkpoint=self.weights, method=self.p.method,
+                     preset=self.p.preset, r=str(source), epochs=self.p.epochs,
+                     batch_size=self.p.batch_size, val_every=1, out=out, run_dir=run_dir,
+                     resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers,
+                     device=self.device, seed=seed, progress=self.progress)
 
     def run_predict(self) -> None:
-        units = list(self.models())
-        for task, source, seed in self._todo("predict", units,
-                                             lambda u: self.predictions_path(self.model_path(*u))):
-            model_file = self.model_path(task, source, seed)
-            record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
-                      "model_sha256": self.digest(model_file), "plugins": {}}
-            for plugin_seed in self.p.plugin_seeds:
-                plugin_file = self.plugin_path(plugin_seed)
-                plugin = Compensator.load(plugin_file)
-                val = self._sweep(model_file, task, "val", source, plugin, self.p.scales)
-                chosen = select_scales(val)
-                scales = sorted(set(chosen.values()) | {self.p.fixed_scale})
-                test = self._sweep(model_file, task, "test", source, plugin, scales)
-                record["plugins"][str(plugin_seed)] = {
-                    "file": plugin_file.name, "sha256": self.digest(plugin_file), "selected": chosen,
-                    "val": [_row(r) for r in val], "test": [_row(r) for r in test]}
-            _write_json(self.predictions_path(model_file), record)
+        for unit in self._todo("predict", list(self.models()),
+                               lambda u: self.predictions_path(self.model_path(*u))):
+            self._predict(*unit)
+
+    def _predict(self, task: str, source: int, seed: int) -> None:
+        model_file = self.model_path(task, source, seed)
+        record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
+                  "model_sha256": self.digest(model_file), "plugins": {}}
+        for plugin_seed in self.p.plugin_seeds:
+            plugin_file = self.plugin_path(plugin_seed)
+            plugin = Compensator.load(plugin_file)
+            val = self._sweep(model_file, task, "val", source, plugin, self.p.scales)
+            chosen = select_scales(val)
+            scales = sorted(set(chosen.values()) | {self.p.fixed_scale})
+            test = self._sweep(model_file, task, "test", source, plugin, scales)
+            record["plugins"][str(plugin_seed)] = {
+                "file": plugin_file.name, "sha256": self.digest(plugin_file), "selected": chosen,
+                "val": [_row(r) for r in val], "test": [_row(r) for r in test]}
+        _write_json(self.predictions_path(model_file), record)
 
     def _sweep(self, model_file: Path, task: str, split: str, source: int, plugin: Compensator,
                scales) -> list[EvalRow]:
@@ -223,19 +237,22 @@ class Evidence:
             print(f"[{stage}] {unit} done; about {left / 60:.1f} min left in this stage")
 
     # ----- reading back -------------------------------------------------------------------
-    def load_predictions(self) -> list[dict]:
-        """Every finished model's prediction record (missing ones are an error naming them)."""
-        records, missing = [], []
-        for unit in self.models():
-            path = self.predictions_path(self.model_path(*unit))
-            if path.is_file():
-                records.append(json.loads(path.read_text()))
-            else:
-                missing.append(str(unit))
-        if missing:
-            raise FileNotFoundError(f"predictions missing for {', '.join(missing)}: run the earlier stages "
-                                    "(tocom experiment all resumes them)")
-        return records
+    def load_predictions(self) -> tuple[list[dict], tuple[int, ...]]:
+        """The prediction records of every fine-tuning seed whose units are all finished, and those seeds.
+
+        A run stopped early is analysed on its whole seeds only; none finished is an error.
+        """
+        records, complete = [], []
+        for seed in self.p.finetune_seeds:
+            paths = [self.predictions_path(self.model_path(*u)) if self.model_path(*u).is_file() else None
+                     for u in self.models((seed,))]
+            if all(path is not None and path.is_file() for path in paths):
+                records += [json.loads(path.read_text()) for path in paths]
+                complete.append(seed)
+        if not complete:
+            raise FileNotFoundError("no fine-tuning seed has predictions for every task and source yet: "
+                                    "run the earlier stages (tocom experiment all resumes them)")
+        return records, tuple(complete)
 
     def provenance(self) -> dict:
         return {"protocol": self.name, **asdict(self.p), "weights_sha256": self.digest(self.weights),
@@ -264,11 +281,14 @@ def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/res
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
     ev = Evidence(work, protocol, device, num_workers, progress)
+    together = {"finetune", "predict"} <= set(stages)
     for stage in STAGES:
-        if stage not in stages:
+        if stage not in stages or (together and stage == "predict"):
             continue
         started = time.time()
-        if stage == "analyze":
+        if together and stage == "finetune":
+            ev.run_models()
+        elif stage == "analyze":
             from tocom.experiments.evidence_report import analyze
 
             analyze(ev, Path(out))

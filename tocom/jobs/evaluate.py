@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tocom.compensator import attach, attachment, set_degree
+from tocom.compensator import attach, attachment, restoring, set_degree
 from tocom.compress import Schedule
 from tocom.report.bench import sync_device
 
@@ -48,7 +48,9 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
     timed forwards and made identical configurations differ by up to 8% in images/s (within 1%
     without them); decoding a batch is cheap next to a dozen forwards of it.
     """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # Workers persist across passes: validation every epoch would otherwise respawn them each time.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
 
 
 @torch.inference_mode()
@@ -58,6 +60,8 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], sou
           keep_predictions: bool = False) -> list[EvalRow]:
     """Accuracy of a patched model at each target, without and (if given) with the plugin.
 
+    The model is left as it was found: degree, and plugin attachment, degree and scale.
+
     Args:
         model: patched timm ViT fine-tuned at degree ``source``.
         targets: degrees (or, without a plugin, any schedule such as a per-block list).
@@ -66,7 +70,13 @@ def sweep(model: nn.Module, loader: DataLoader, targets: Sequence[Schedule], sou
         keep_predictions: fill each row's ``predictions`` and ``labels`` (one int per image), for
             paired statistics between rows.
     """
-    device = torch.device(device)
+    with restoring(model):
+        return _sweep(model, loader, targets, source, plugin, scales, torch.device(device), split, progress,
+                      keep_predictions)
+
+
+def _sweep(model, loader, targets, source, plugin, scales, device, split, progress,
+           keep_predictions) -> list[EvalRow]:
     model.to(device).eval()
     targets = [tuple(t) if isinstance(t, list) else t for t in targets]  # hashable config keys
     configs: list[tuple[Schedule, float | None]] = [(t, None) for t in targets]

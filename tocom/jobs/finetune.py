@@ -37,7 +37,7 @@ from tocom.models.loading import (
     read_state_dict,
     save_model,
 )
-from tocom.peft import add_adaptformer, add_lora, mark_trainable, merge
+from tocom.peft import add_adaptformer, add_lora, fold, mark_trainable
 from tocom.pyra import PARAM_PATTERN, add_pyra
 from tocom.train import distributed
 from tocom.train.config import TrainConfig, lr_per_512
@@ -251,7 +251,7 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         "val_acc": result.evals[-1]["val_acc"] if result.evals else None,
         "curve": [[e["step"], e["val_acc"]] for e in result.evals],  # this process's validations
     }
-    model = merge(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
+    model = fold(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
     if distributed.rank() == 0 and result.step == steps:
         meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing, compression)
         save_model(model, out, model_name, info["model_kwargs"], meta)

@@ -29,7 +29,7 @@ from tocom.jobs.evaluate import make_loader
 from tocom.jobs.finetune import add_method
 from tocom.models import dims_of, patch
 from tocom.models.loading import build_model, read_state_dict
-from tocom.peft import merge
+from tocom.peft import fold
 from tocom.seg import Segmenter, SegmentObjective, image_confusions, mean_iou, save_segmenter
 from tocom.train import distributed
 from tocom.train.config import TrainConfig
@@ -143,7 +143,7 @@ def run_segment_finetune(model_name: str, data: str | Path, *, checkpoint: str |
               "wall_s": round(time.time() - start, 1),
               "val_miou": result.evals[-1]["val_miou"] if result.evals else None,
               "curve": [[e["step"], e["val_miou"]] for e in result.evals]}
-    merge(backbone)  # folds LoRA into the qkv weights
+    fold(backbone)  # LoRA into the qkv weights
     model = model.cpu().eval()
     if distributed.rank() == 0:
         constant = schedule[0] if len(set(schedule)) == 1 else None

@@ -1,9 +1,21 @@
 """Layer 2: backbone adapters that route block forwards through layer 1."""
 
-from tocom.models.blocks import CompressionConfig, TokenState
-from tocom.models.vit import SUPPORTED, dims_of, is_patched, patch, schedule_report, unpatch
+from tocom.models.blocks import CompressionConfig, QVDelta, TokenState
+from tocom.models.lock import StateLock
+from tocom.models.vit import (
+    SUPPORTED,
+    PluginHooks,
+    dims_of,
+    is_patched,
+    patch,
+    plugin_hooks,
+    schedule_report,
+    set_plugin_hooks,
+    state_lock,
+    unpatch,
+)
 
 __all__ = [
-    "SUPPORTED", "CompressionConfig", "TokenState", "dims_of", "is_patched", "patch", "schedule_report",
-    "unpatch",
+    "SUPPORTED", "CompressionConfig", "PluginHooks", "QVDelta", "StateLock", "TokenState", "dims_of",
+    "is_patched", "patch", "plugin_hooks", "schedule_report", "set_plugin_hooks", "state_lock", "unpatch",
 ]

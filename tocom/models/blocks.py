@@ -7,6 +7,7 @@ norm, gating and drop-path included) and call the module slots (``attn.qkv``, ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,10 @@ from tocom.compress import (
 METHODS = ("tome", "evit")
 MODES = ("standard", "dense")
 
+# Per-forward low-rank additions to q and v (a live compensator): (layer, normalised tokens
+# (B, N, C)) -> (dq, dv), each (B, N, attn_dim). Passed explicitly, never stored on a module.
+QVDelta = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class TokenState:
@@ -37,6 +42,7 @@ class TokenState:
         num_prefix: protected leading tokens.
         schedule: effective per-block r of this forward.
         tokens: sequence length after each block.
+        qv_delta: low-rank q/v additions of this forward (a live compensator), or None.
     """
 
     size: torch.Tensor | None
@@ -44,6 +50,7 @@ class TokenState:
     num_prefix: int
     schedule: list[int]
     tokens: list[int] = field(default_factory=list)
+    qv_delta: QVDelta | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,14 @@ class CompressionConfig:
     mode: str = "standard"  # dense: merge before each MLP, unmerge after it (full-length outputs)
 
 
-def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need: str | None
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, skipping the call of a plain ``nn.Identity`` (layer scale, drop-path, q/k norm
+    switched off): at batch 1 a module call costs about what a small kernel does."""
+    return x if type(module) is nn.Identity else module(x)
+
+
+def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need: str | None,
+              qv: tuple[torch.Tensor, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """timm ``Attention`` with proportional attention and a reduction metric.
 
@@ -67,6 +81,7 @@ def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need:
         size: (B, N, 1) token sizes; adds ``log(size)`` of each key to the logits when given.
         need: ``"keys"`` (ToMe metric: keys averaged over heads, (B, N, head_dim)),
             ``"cls_attn"`` (EViT metric: class-token attention averaged over heads, (B, N)) or None.
+        qv: (dq, dv), each (B, N, attn_dim), added to q and v before the q/k norms, or None.
 
     Returns:
         attention output (B, N, C) and the metric (or None).
@@ -75,7 +90,11 @@ def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need:
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if qv is not None:
+        heads = (batch, n, attn.num_heads, attn.head_dim)
+        q = q + qv[0].reshape(heads).transpose(1, 2).to(q.dtype)
+        v = v + qv[1].reshape(heads).transpose(1, 2).to(v.dtype)
+    q, k = _call(attn.q_norm, q), _call(attn.k_norm, k)
     bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
@@ -90,14 +109,16 @@ def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need:
             logits = logits + bias
         metric = logits.softmax(dim=-1).mean(1)[:, 0]
     out = out.transpose(1, 2).reshape(batch, n, -1)
-    out = attn.norm(out)
+    out = _call(attn.norm, out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), metric
+    out = attn.proj(out)
+    return (attn.proj_drop(out) if attn.training else out), metric
 
 
 def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | None,
-                  source: torch.Tensor | None, num_prefix: int, config: CompressionConfig
+                  source: torch.Tensor | None, num_prefix: int, config: CompressionConfig,
+                  layer: int = 0, qv_delta: QVDelta | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One timm ``Block`` that removes ``r`` tokens after attention.
 
@@ -108,18 +129,20 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
     Args:
         x: (B, N, C) tokens; size: (B, N, 1) or None; source: (B, N, N0) or None.
         r: tokens to remove here (already clamped).
+        layer, qv_delta: this block's index and the forward's live q/v additions (or None).
 
     Returns:
         tokens (B, N - r, C), sizes (B, N - r, 1) or None, source (B, N - r, N0) or None.
     """
     need = None if r == 0 else ("keys" if config.method == "tome" else "cls_attn")
     attn_size = size if config.prop_attn else None
-    out, metric = attention(blk.attn, blk.norm1(x), attn_size, need)
-    x = x + blk.drop_path1(blk.ls1(out))
+    h = blk.norm1(x)
+    out, metric = attention(blk.attn, h, attn_size, need, None if qv_delta is None else qv_delta(layer, h))
+    x = x + _call(blk.drop_path1, _call(blk.ls1, out))
     if r > 0 and config.mode == "dense":
         plan = bipartite_matching(metric, r, num_prefix)
         merged, _ = merge_wavg(plan, x, size, getattr(blk, "merge_modulator", None))
-        y = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(merged))))  # the MLP on N - r tokens
+        y = _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(merged))))  # the MLP on N - r tokens
         return x + dense_unmerge(plan, y, x.shape[1]), size, source
     if r > 0:
         if config.method == "tome":
@@ -132,6 +155,7 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
             plan = prune_plan(metric, r, num_prefix, fuse=config.fuse)
             if source is not None:
                 source = prune_source(plan, source)
-            x, size = prune(plan, x, size)
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            # Under proportional attention the class attention already counts each token's size.
+            x, size = prune(plan, x, size, attn_includes_size=attn_size is not None)
+    x = x + _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x))))
     return x, size, source

@@ -1,7 +1,7 @@
 """Parameter-efficient fine-tuning for timm ViTs: LoRA on the fused qkv and AdaptFormer.
 
 Layout (one job per module): ``config`` (validated settings), ``lora`` / ``adaptformer``
-(the layers), ``model`` (adding, merging, removing adapters and choosing what trains).
+(the layers), ``model`` (adding, folding, removing adapters and choosing what trains).
 """
 
 from .adaptformer import BottleneckAdapter, ParallelAdapterMLP
@@ -14,8 +14,8 @@ from .model import (
     base_linear,
     count_parameters,
     find_blocks,
+    fold,
     mark_trainable,
-    merge,
     remove_adaptformer,
     remove_lora,
     trainable_parameters,
@@ -33,8 +33,8 @@ __all__ = [
     "base_linear",
     "count_parameters",
     "find_blocks",
+    "fold",
     "mark_trainable",
-    "merge",
     "remove_adaptformer",
     "remove_lora",
     "trainable_parameters",

@@ -100,7 +100,7 @@ class LoRAQKV(nn.Module):
         """Add :meth:`delta_weight` into ``base.weight`` in place and return ``base``.
 
         The sum is formed in float32 for half-precision weights and rounded once. After this the
-        wrapper must be discarded (its delta would count twice); :func:`tocom.peft.merge` does
+        wrapper must be discarded (its delta would count twice); :func:`tocom.peft.fold` does
         both steps for a whole model.
         """
         w = self.base.weight

@@ -1,4 +1,4 @@
-"""Model-level PEFT operations: add, merge, remove adapters and choose what trains.
+"""Model-level PEFT operations: add, fold, remove adapters and choose what trains.
 
 Every change is a module replacement inside a block's existing slots (``attn.qkv``, ``norm2``,
 ``mlp``); no forward method is patched, so stock timm forwards and tocom's token-merging
@@ -70,15 +70,17 @@ def add_lora(model: nn.Module, rank: int = 8, targets: Sequence[str] = QKV_SLICE
     config = LoRAConfig(rank=rank, targets=targets, alpha=alpha, dropout=dropout)
     blocks = find_blocks(model)
     if any(isinstance(blk.attn.qkv, LoRAQKV) for blk in blocks):
-        raise ValueError("model already has LoRA on its qkv projections; call merge(model) or "
+        raise ValueError("model already has LoRA on its qkv projections; call fold(model) or "
                          "remove_lora(model) before adding LoRA again")
     for blk in blocks:
         blk.attn.qkv = LoRAQKV(blk.attn.qkv, config)
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
+def fold(model: nn.Module) -> nn.Module:
     """Fold every LoRA delta into its base qkv weight and put the plain ``nn.Linear`` back.
+
+    (Named ``fold``, not ``merge``: merging is what token compression does, ``tocom.compress.merge``.)
 
     Outputs are unchanged up to float rounding and the extra LoRA cost disappears. AdaptFormer
     adapters are nonlinear (ReLU) and cannot be folded: they are left in place untouched.
@@ -88,6 +90,8 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(blk.attn.qkv, LoRAQKV):
             blk.attn.qkv = blk.attn.qkv.fold()
     return model
+
+
 
 
 def remove_lora(model: nn.Module) -> nn.Module:

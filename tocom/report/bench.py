@@ -41,19 +41,27 @@ def sync_device(device: torch.device) -> None:
 
 
 def time_interleaved(runners: dict[str, Callable[[], object]], device: torch.device, rounds: int = 5,
-                     warmup: int = 1, progress: bool = True) -> dict[str, float]:
-    """Median seconds per call of each runner, calling them round-robin ``rounds`` times."""
+                     warmup: int = 1, progress: bool = True,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each runner, calling them round-robin ``rounds`` times.
+
+    The order rotates every round, so each runner takes each position equally often (with rounds
+    a multiple of the runner count) and no position bias (caches, clock boost) favours anyone.
+    ``clock`` may be ``time.thread_time`` for single-threaded CPU runs on a shared machine.
+    """
     for fn in runners.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in tqdm(range(rounds), desc="bench rounds", disable=not progress, leave=False):
-        for name, fn in runners.items():
+    order = list(runners.items())
+    for i in tqdm(range(rounds), desc="bench rounds", disable=not progress, leave=False):
+        shift = i % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             sync_device(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync_device(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
