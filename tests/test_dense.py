@@ -123,3 +123,18 @@ def test_dense_distillation_is_l1_on_every_token():
     assert loss.item() == pytest.approx((student - teacher).abs().mean().item(), rel=1e-4)
     loss.backward()
     assert plugin.B.grad.abs().sum() > 0
+
+
+def test_attached_dense_plugin_pins_the_mode_and_serves_per_call_degrees():
+    model = vit()
+    plugin = Compensator.init_for(model, groups=4, rank=2, mode="dense")
+    with torch.no_grad():
+        plugin.B.normal_(0, 0.05)
+    tocom.attach(model, plugin, source=0)
+    with pytest.raises(ValueError, match="distilled in dense mode is attached"):
+        tocom.patch(model, mode="standard")
+    with torch.no_grad():
+        per_call = model.forward_features(IMAGES, r=4)  # delta(0 -> 4) on the fly, model stays at 0
+        tocom.set_degree(model, 4)
+        folded = model.forward_features(IMAGES)
+    assert torch.allclose(per_call, folded, atol=1e-5) and per_call.shape == (2, 17, 32)
