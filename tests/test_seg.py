@@ -188,3 +188,20 @@ def test_sweep_with_a_dense_plugin(task):
     standard = Segmenter(tocom.patch(backbone(), trace_source=True), 6)
     with pytest.raises(ValueError, match="distilled in dense mode"):
         segment_sweep(standard, make_loader(data, 2), [0], 0, plugin, progress=False)
+
+
+def test_experiment_scale_choice_and_page():
+    from tocom.experiments.segmentation import PAPER, _best_scales, markdown
+    from tocom.jobs.segment import SegRow
+
+    rows = [SegRow(12, 0, True, 0.1, 0.5, 0.9, 1.0), SegRow(12, 0, True, 0.05, 0.5, 0.9, 1.0),
+            SegRow(12, 0, True, 0.2, 0.4, 0.9, 1.0), SegRow(12, 0, False, None, 0.6, 0.9, 1.0),
+            SegRow(24, 0, True, 0.3, 0.7, 0.9, 1.0)]
+    assert _best_scales(rows) == {12: 0.05, 24: 0.3}  # best mIoU, ties to the smaller scale
+    page = markdown({"budget": "smoke", "wall_s": 1.0, "finetune": {"images": 4, "epochs": 1},
+                     "distill": {"steps": 2}, "tokens_per_degree": 6, "test_images": 3,
+                     "rows": [{"target": 12, "paper_r": 2, "gflops": 1.2, "gflops_ratio": 0.97,
+                               "miou_without": 0.25, "miou_with": 0.3, "scale": 0.05}],
+                     "table": "| t |", "paper": PAPER})
+    assert "| 12 | 2 | 1.200 (0.970) | 25.0 | 30.0 | 0.05 |" in page
+    assert "could not be found offline" in page

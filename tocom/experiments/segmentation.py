@@ -46,13 +46,13 @@ PAPER = ("ToCom appendix Table 11 (Jie et al., 2024): DeiT-B/384 encoder with Se
 class SegBudget:
     """Compute of one segmentation run; ``small`` fits a 2-core CPU in well under an hour."""
 
-    train: int = 300
+    train: int = 400
     val: int = 50
-    test: int = 100
-    epochs: int = 4
+    test: int = 150
+    epochs: int = 6
     batch_size: int = 16
-    distill_steps: int = 100
-    distill_batch: int = 16
+    distill_steps: int = 200
+    distill_batch: int = 32
     resamples: int = 10_000
 
 
