@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -142,6 +144,12 @@ def test_finetune_cli_trains_and_records(task, tmp_path, capsys):
     assert [r.target for r in rows] == [0, 2] and rows[0].confusions.shape == (4, 6, 6)
     assert rows[0].miou == pytest.approx(mean_iou(rows[0].confusions.sum(0)))
     assert rows[1].miou != rows[0].miou or rows[1].pixel_acc != rows[0].pixel_acc
+    capsys.readouterr()
+    main(["eval", "vit_tiny_patch16_224", "--checkpoint", str(out), "--data", str(task), "--split", "test",
+          "--target", "0", "2", "--json"])
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [ln["target"] for ln in lines] == [0, 2] and lines[0]["source"] == 3  # recorded source
+    assert [ln["miou"] for ln in lines] == pytest.approx([rows[0].miou, rows[1].miou])  # same as the API
     # the sweep's r=0 row is the plain model's mIoU
     tocom.unpatch(model.backbone)
     conf = sum(image_confusions(model(x).argmax(1), m, 6).sum(0) for x, m in make_loader(data, 2))

@@ -114,6 +114,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tocom.report.tables import format_table, json_lines
 
     meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
+    if meta.get("task") == "segmentation":  # a tocom finetune --task segmentation output: mIoU
+        from tocom.jobs.segment import run_segment_eval
+
+        split = {"test": "test", "val": "val"}.get(args.split, args.split)
+        seg_rows = run_segment_eval(args.checkpoint, args.data, args.target, split=split, source=args.source,
+                                    plugin_file=args.plugin, scales=args.scale, batch_size=args.batch_size,
+                                    device=args.device, progress=not args.json)
+        dicts = [r.as_dict() for r in seg_rows]
+        print(json_lines(dicts) if args.json else format_table(dicts))
+        return
     if args.source is None:  # a tocom finetune output records the degree it was trained at
         args.source = source_degree(meta) or 0
     model = patch(_load(args), args.method or meta.get("compression", "tome"))
@@ -234,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "finetuned.safetensors")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="top-1 at target degrees, with and without a plugin")
+    p = sub.add_parser("eval", help="top-1 (mIoU for segmentation checkpoints) at target degrees, "
+                                    "with and without a plugin")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="VTAB-1k task folder or ImageFolder splits")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])

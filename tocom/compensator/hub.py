@@ -61,7 +61,7 @@ tocom.set_degree(model, 16)             # fold delta(0 -> 16) into the weights
 | architecture | {s.arch} |
 | embed dim / depth / heads | {s.embed_dim} / {s.depth} / {s.num_heads} |
 | groups / rank / scale | {s.groups} / {s.rank} / {s.scale} |
-| method / variant | {s.method} / {s.variant} |
+| method / variant / mode | {s.method} / {s.variant} / {s.mode} |
 
 ## Training recipe
 

@@ -217,3 +217,26 @@ def segment_sweep(model: Segmenter, loader: DataLoader, targets: Sequence[int], 
                            float(np.trace(total) / max(total.sum(), 1)), seen / seconds[(target, scale)],
                            split, conf))
     return rows
+
+
+def run_segment_eval(checkpoint: str | Path, data: str | Path, targets: Sequence[int], *,
+                     split: str = "val", source: int | None = None, plugin_file: str | Path | None = None,
+                     scales: Sequence[float] | None = None, batch_size: int = 16,
+                     device: str | torch.device = "cpu", progress: bool = True) -> list[SegRow]:
+    """mIoU of a :func:`run_segment_finetune` checkpoint on ``split`` of ``data`` at each target,
+    in the mode and with the preprocessing it was trained with; with a plugin, also with it."""
+    from tocom.compensator import Compensator
+    from tocom.seg import load_segmenter
+
+    model, meta = load_segmenter(checkpoint)
+    patch_for_segmentation(model.backbone, meta.get("mode", "dense"))
+    source = (meta.get("source_degree") or 0) if source is None else source
+    record = meta["preprocessing"]
+    transform = SegmentationTransform(record["size"], mean=record["mean"], std=record["std"])
+    dataset = SegmentationFolder(data, split, transform)
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f"the checkpoint's decoder has {model.num_classes} classes but {data} has "
+                         f"{dataset.num_classes}; pass the checkpoint fine-tuned on this data")
+    plugin = Compensator.load(plugin_file) if plugin_file is not None else None
+    return segment_sweep(model, make_loader(dataset, batch_size), list(targets), source, plugin, scales,
+                         device=device, split=split, progress=progress)
