@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from tocom.atomic import atomic_write
 from tocom.compensator import Compensator
 from tocom.data import load_dataset, shared_dir, write_vtab
-from tocom.finetuned import eval_transform_for, load_model
+from tocom.finetuned import checkpoint_metadata, eval_transform_for, load_model
 from tocom.jobs.distill import run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, select_scales, sweep
 from tocom.jobs.finetune import run_finetune
@@ -147,8 +147,10 @@ class Evidence:
         return self.work / "models" / f"{task}_r{source}_seed{seed}-{key}.safetensors"
 
     def predictions_path(self, model: Path) -> Path:
-        plugins = [self.digest(self.plugin_path(s)) for s in self.p.plugin_seeds]
-        key = _digest(self.digest(model), plugins, self.p.targets, self.p.scales, self.p.fixed_scale,
+        # Keyed by the keys of the model and plugins (content of everything they were made from), not
+        # by their bytes: a GPU rerun makes other bytes, and the predictions travel without the model.
+        plugins = [self.plugin_path(s).name for s in self.p.plugin_seeds]
+        key = _digest(model.name, plugins, self.p.targets, self.p.scales, self.p.fixed_scale,
                       self.p.test_images)
         return self.work / "predictions" / f"{model.stem}-{key}.json"
 
@@ -175,8 +177,7 @@ class Evidence:
     def run_models(self) -> None:
         """``finetune`` then ``predict`` per model, so a run stopped early has whole units of both."""
         for unit in self._todo("finetune+predict", list(self.models()),
-                               lambda u: self.predictions_path(self.model_path(*u))
-                               if self.model_path(*u).is_file() else self.model_path(*u)):
+                               lambda u: self.predictions_path(self.model_path(*u))):
             if not self.model_path(*unit).is_file():
                 self._finetune(*unit)
             self._predict(*unit)
@@ -201,8 +202,10 @@ class Evidence:
 
     def _predict(self, task: str, source: int, seed: int) -> None:
         model_file = self.model_path(task, source, seed)
+        recipe = json.loads(checkpoint_metadata(model_file).get("recipe", "{}"))
         record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
-                  "model_sha256": self.digest(model_file), "plugins": {}}
+                  "model_sha256": self.digest(model_file), "val_acc": recipe.get("val_acc"),
+                  "curve": recipe.get("curve"), "plugins": {}}
         for plugin_seed in self.p.plugin_seeds:
             plugin_file = self.plugin_path(plugin_seed)
             plugin = Compensator.load(plugin_file)
@@ -244,9 +247,8 @@ class Evidence:
         """
         records, complete = [], []
         for seed in self.p.finetune_seeds:
-            paths = [self.predictions_path(self.model_path(*u)) if self.model_path(*u).is_file() else None
-                     for u in self.models((seed,))]
-            if all(path is not None and path.is_file() for path in paths):
+            paths = [self.predictions_path(self.model_path(*u)) for u in self.models((seed,))]
+            if all(path.is_file() for path in paths):
                 records += [json.loads(path.read_text()) for path in paths]
                 complete.append(seed)
         if not complete:

@@ -25,7 +25,6 @@ import numpy as np
 from scipy import stats as sps
 
 from tocom.experiments.evidence import Evidence
-from tocom.finetuned import checkpoint_metadata
 from tocom.report.compare import comparison_table
 from tocom.report.provenance import provenance
 from tocom.report.records import Records, write_records
@@ -149,9 +148,8 @@ def analyze(ev: Evidence, out: Path) -> dict:
         write_records(path, an.records(task))
         files.append(path.name)
     curves = {"finetune": {}, "plugins": {}}
-    for task, source, seed in ev.models(seeds):
-        recipe = json.loads(checkpoint_metadata(ev.model_path(task, source, seed)).get("recipe", "{}"))
-        curves["finetune"][f"{task}_r{source}_seed{seed}"] = recipe.get("curve")
+    for record in records:
+        curves["finetune"][f"{record['task']}_r{record['source']}_seed{record['seed']}"] = record.get("curve")
     for seed in ev.p.plugin_seeds:
         summary = Path(str(ev.plugin_path(seed)) + ".json")
         curves["plugins"][f"seed{seed}"] = json.loads(summary.read_text()).get("holdout_curve")

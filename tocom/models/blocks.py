@@ -139,6 +139,9 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
     h = blk.norm1(x)
     out, metric = attention(blk.attn, h, attn_size, need, None if qv_delta is None else qv_delta(layer, h))
     x = x + _call(blk.drop_path1, _call(blk.ls1, out))
+    # Free the block's temporaries as timm's own forward does: holding them through the MLP made
+    # glibc hand memory back and re-fault it every forward (~10% slower at batch 8, r = 0).
+    del h, out
     if r > 0 and config.mode == "dense":
         plan = bipartite_matching(metric, r, num_prefix)
         merged, _ = merge_wavg(plan, x, size, getattr(blk, "merge_modulator", None))
