@@ -51,7 +51,7 @@ class SegBudget:
     test: int = 150
     epochs: int = 6
     batch_size: int = 16
-    distill_steps: int = 200
+    distill_steps: int = 150
     distill_batch: int = 32
     resamples: int = 10_000
 
