@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from tocom.compress import parse_schedule
-from tocom.models import dims_of, patch, unpatch
+from tocom.models import COMPRESSION_METHODS, dims_of, patch, unpatch
 from tocom.report.cli import add_parser as add_report_parser
 from tocom.serve.cli import add_parser as add_serve_parser
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s at each r, interleaved with the unpatched model")
     _add_model_args(p)
-    p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--method", choices=COMPRESSION_METHODS, default="tome")
     p.add_argument("--r", nargs="+", default=["0", "8", "16"], help="schedules: 8, 8,8,4 or flops=0.5")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a Token Compensator plugin by self-distillation")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="any folder of images (searched recursively)")
-    p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--method", choices=COMPRESSION_METHODS, default="tome")
     p.add_argument("--mode", choices=["standard", "dense"], default="standard",
                    help="dense: for models that merge before each MLP and unmerge after it "
                         "(segmentation); distilled with L1 on every token's features")
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-train", choices=["train", "trainval"], default="train",
                    help="trainval: VTAB-1k final runs (no validation); train: validate on val")
     p.add_argument("--val-every", type=int, help="epochs between validations (default: epochs / 10)")
-    p.add_argument("--compression", choices=["tome", "evit"], default="tome",
+    p.add_argument("--compression", choices=COMPRESSION_METHODS, default="tome",
                    help="reduce tokens by merging (tome) or pruning (evit) while fine-tuning")
     _add_run_args(p, "finetuned.safetensors")
     p.set_defaults(func=cmd_finetune)
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])
     p.add_argument("--resize", choices=["crop", "squash"],
                    help="override the preprocessing the checkpoint records (default: the recorded one)")
-    p.add_argument("--method", choices=["tome", "evit"],
+    p.add_argument("--method", choices=COMPRESSION_METHODS,
                    help="compression (default: what the checkpoint was fine-tuned with, else tome)")
     p.add_argument("--source", type=int,
                    help="degree the checkpoint was fine-tuned at (default: its metadata, else 0)")
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint")
     p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--method", choices=["tome", "evit"], default="tome")
+    p.add_argument("--method", choices=COMPRESSION_METHODS, default="tome")
     p.add_argument("--r", default="16")
     p.add_argument("--out", required=True, help="PNG to write")
     p.set_defaults(func=cmd_visualize)

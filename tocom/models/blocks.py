@@ -24,7 +24,7 @@ from tocom.compress import (
     prune_source,
 )
 
-METHODS = ("tome", "evit")
+COMPRESSION_METHODS = ("tome", "evit")
 MODES = ("standard", "dense")
 
 # Per-forward low-rank additions to q and v (a live compensator): (layer, normalised tokens

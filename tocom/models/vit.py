@@ -28,7 +28,14 @@ from tocom.compress import (
     resolve_schedule,
     tokens_per_layer,
 )
-from tocom.models.blocks import METHODS, MODES, CompressionConfig, QVDelta, TokenState, block_forward
+from tocom.models.blocks import (
+    COMPRESSION_METHODS,
+    MODES,
+    CompressionConfig,
+    QVDelta,
+    TokenState,
+    block_forward,
+)
 from tocom.models.lock import StateLock
 
 SUPPORTED = "timm VisionTransformer models (ViT, DeiT, DeiT distilled, ViTs with registers) built from Block"
@@ -269,8 +276,8 @@ def patch(model: nn.Module, method: str = "tome", *, prop_attn: bool = True,
     Returns:
         the same model. Patching a patched model updates these options, with the same checks.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in COMPRESSION_METHODS:
+        raise ValueError(f"method must be one of {COMPRESSION_METHODS}, got {method!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "dense" and method != "tome":

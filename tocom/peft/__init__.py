@@ -8,6 +8,7 @@ from .adaptformer import BottleneckAdapter, ParallelAdapterMLP
 from .config import AdaptFormerConfig, LoRAConfig
 from .lora import LoRAQKV
 from .model import (
+    ADAPTERS,
     adapter_parameters,
     add_adaptformer,
     add_lora,
@@ -22,6 +23,7 @@ from .model import (
 )
 
 __all__ = [
+    "ADAPTERS",
     "AdaptFormerConfig",
     "BottleneckAdapter",
     "LoRAConfig",

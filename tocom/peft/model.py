@@ -22,7 +22,7 @@ SUPPORTED_MODELS = (
     "timm VisionTransformer / VisionTransformerDistilled (DeiT) models, whose "
     "model.blocks[i].attn.qkv is a fused q/k/v nn.Linear"
 )
-METHODS = ("lora", "adaptformer")
+ADAPTERS = ("lora", "adaptformer")
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -134,8 +134,8 @@ def remove_adaptformer(model: nn.Module) -> nn.Module:
 
 def adapter_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
     """The parameters a PEFT ``method`` ("lora" or "adaptformer") added to ``model``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown PEFT method {method!r}; choose from {METHODS}")
+    if method not in ADAPTERS:
+        raise ValueError(f"unknown PEFT method {method!r}; choose from {ADAPTERS}")
     params: list[nn.Parameter] = []
     for blk in find_blocks(model):
         if method == "lora" and isinstance(blk.attn.qkv, LoRAQKV):
