@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tocom.compensator import attach, attachment, restoring, set_degree
+from tocom.compensator import attach, attachment, is_attached, restoring, set_degree
 from tocom.compress import Schedule
 from tocom.report.bench import sync_device
 
@@ -79,12 +79,7 @@ def _sweep(model, loader, targets, source, plugin, scales, device, split, progre
            keep_predictions) -> list[EvalRow]:
     model.to(device).eval()
     targets = [tuple(t) if isinstance(t, list) else t for t in targets]  # hashable config keys
-    configs: list[tuple[Schedule, float | None]] = [(t, None) for t in targets]
-    if plugin is not None:
-        if "_tocom_compensator" not in model.__dict__:
-            attach(model, plugin, source=source)
-        scales = list(scales) if scales else [attachment(model).plugin.spec.scale]
-        configs += [(t, s) for t in targets for s in scales]
+    configs = sweep_configs(model, targets, source, plugin, scales)
     correct = {c: 0 for c in configs}
     seconds = {c: 0.0 for c in configs}
     predicted: dict[tuple[Schedule, float | None], list[int]] = {c: [] for c in configs}
@@ -99,10 +94,7 @@ def _sweep(model, loader, targets, source, plugin, scales, device, split, progre
         # 5% apart from identical twins in throughput).
         shift = batch_index % len(configs)
         for target, scale in configs[shift:] + configs[:shift]:
-            if plugin is not None:
-                set_degree(model, target, scale=0.0 if scale is None else scale)  # scale 0: exact originals
-            else:
-                model.r = list(target) if isinstance(target, tuple) else target
+            apply_config(model, target, scale, plugin is not None)
             sync_device(device)
             start = time.perf_counter()
             logits = model(images)
@@ -119,6 +111,29 @@ def _sweep(model, loader, targets, source, plugin, scales, device, split, progre
     return [EvalRow(list(t) if isinstance(t, tuple) else t, source, s is not None, s, correct[(t, s)] / seen,
                     seen / seconds[(t, s)], split, predicted[(t, s)] if keep_predictions else None,
                     labels_seen if keep_predictions else None) for t, s in configs]
+
+
+def sweep_configs(model: nn.Module, targets: Sequence[Schedule], source: int, plugin: nn.Module | None,
+                  scales: Sequence[float] | None) -> list[tuple[Schedule, float | None]]:
+    """The (target, scale) pairs a sweep runs, scale None meaning without the plugin.
+
+    Attaches ``plugin`` at ``source`` unless one is attached; ``scales`` default to its own scale.
+    """
+    configs: list[tuple[Schedule, float | None]] = [(t, None) for t in targets]
+    if plugin is not None:
+        if not is_attached(model):
+            attach(model, plugin, source=source)
+        scales = list(scales) if scales else [attachment(model).plugin.spec.scale]
+        configs += [(t, s) for t in targets for s in scales]
+    return configs
+
+
+def apply_config(model: nn.Module, target: Schedule, scale: float | None, with_plugin: bool) -> None:
+    """Put ``model`` at one sweep configuration (with a plugin attached, scale 0 = exact originals)."""
+    if with_plugin:
+        set_degree(model, target, scale=0.0 if scale is None else scale)
+    else:
+        model.r = list(target) if isinstance(target, tuple) else target
 
 
 def select_scales(val_rows: Sequence[EvalRow]) -> dict[int, float]:

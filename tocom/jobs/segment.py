@@ -22,10 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from tocom.compensator import attach, attachment, set_degree
+from tocom.compensator import restoring
 from tocom.compress import parse_schedule, resolve_schedule
 from tocom.data import SegmentationFolder, SegmentationTransform, data_config
-from tocom.jobs.evaluate import make_loader
+from tocom.jobs.evaluate import apply_config, make_loader, sweep_configs
 from tocom.jobs.finetune import add_method
 from tocom.models import dims_of, patch
 from tocom.models.loading import build_model, read_state_dict
@@ -183,25 +183,22 @@ def segment_sweep(model: Segmenter, loader: DataLoader, targets: Sequence[int], 
     Each batch runs through every configuration before the next is loaded. Rows keep the per-image
     confusion matrices ``(N, K, K)`` for paired statistics over images.
     """
-    device = torch.device(device)
+    with restoring(model.backbone):  # degree, plugin and scale as they were found
+        return _segment_sweep(model, loader, targets, source, plugin, scales, torch.device(device), split,
+                              progress)
+
+
+def _segment_sweep(model, loader, targets, source, plugin, scales, device, split, progress) -> list[SegRow]:
     model.to(device).eval()
     backbone = model.backbone
-    configs: list[tuple[int, float | None]] = [(t, None) for t in targets]
-    if plugin is not None:
-        if "_tocom_compensator" not in backbone.__dict__:
-            attach(backbone, plugin, source=source)
-        scales = list(scales) if scales else [attachment(backbone).plugin.spec.scale]
-        configs += [(t, s) for t in targets for s in scales]
+    configs = sweep_configs(backbone, targets, source, plugin, scales)
     confusions: dict[tuple[int, float | None], list[torch.Tensor]] = {c: [] for c in configs}
     seconds = dict.fromkeys(configs, 0.0)
     seen = 0
     for images, masks in tqdm(loader, desc=f"seg eval {split}", disable=not progress, leave=False):
         images = images.to(device)
         for target, scale in configs:
-            if plugin is not None:
-                set_degree(backbone, target, scale=0.0 if scale is None else scale)
-            else:
-                backbone.r = target
+            apply_config(backbone, target, scale, plugin is not None)
             start = time.perf_counter()
             pred = model(images).argmax(1).cpu()
             seconds[(target, scale)] += time.perf_counter() - start
