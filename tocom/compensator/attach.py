@@ -7,6 +7,9 @@ as weights at the current degree). For exact, drift-free switching it also keeps
 W_q/W_v rows, but only trusts them while each weight tensor is the one it last wrote (same
 storage, same version counter); any other change to a weight re-derives them.
 
+W_q and W_v are found through the model's family adapter (:func:`tocom.models.adapter_for`): rows of
+a fused ``qkv`` Linear or whole separate ``q_proj`` / ``v_proj`` Linears, whatever the family.
+
 Every change runs under the model's state lock (:func:`tocom.models.state_lock`), so a forward
 on another thread never sees a half-switched model.
 """
@@ -26,6 +29,7 @@ from tocom.compress import Schedule
 from tocom.models import (
     PluginHooks,
     QVDelta,
+    adapter_for,
     is_patched,
     patch,
     plugin_hooks,
@@ -45,7 +49,8 @@ class Attachment:
     Attributes:
         base: (L, 2, attn_dim, embed_dim) pre-plugin W_q and W_v rows in the weights' dtype.
         applied: (K,) coefficients of the delta folded in now, None when zero.
-        stamps: per block, (storage pointer, version) of the qkv weight right after our last write.
+        stamps: per block, (storage pointer, version) of its W_q and W_v weights right after our last
+            write.
     """
 
     plugin: CompensatorBank
@@ -54,7 +59,7 @@ class Attachment:
     scale: float | None
     base: torch.Tensor
     applied: torch.Tensor | None = None
-    stamps: list[tuple[int, int]] = field(default_factory=list)
+    stamps: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,16 +67,23 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _weights(model: nn.Module) -> list[torch.Tensor]:
-    return [base_linear(blk.attn.qkv).weight for blk in model.blocks]
+# Per block, where W_q and W_v live: ((weight, q rows), (weight, v rows)); one weight when fused.
+Target = tuple[tuple[torch.Tensor, slice], tuple[torch.Tensor, slice]]
 
 
-def _rows(weight: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return weight[:d], weight[2 * d:]
+def _targets(model: nn.Module) -> list[Target]:
+    return [((base_linear(qv.q.linear).weight, qv.q.rows), (base_linear(qv.v.linear).weight, qv.v.rows))
+            for qv in adapter_for(model).qv_projections(model)]
 
 
-def _stamp(weight: torch.Tensor) -> tuple[int, int]:
-    return weight.data_ptr(), weight._version
+def _rows(target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of W_q (attn_dim, embed_dim) and W_v (attn_dim, embed_dim) inside their weights."""
+    (wq, q), (wv, v) = target
+    return wq[q], wv[v]
+
+
+def _stamp(target: Target) -> tuple[tuple[int, int], ...]:
+    return tuple((w.data_ptr(), w._version) for w, _ in target)
 
 
 def attachment(model: nn.Module) -> Attachment:
@@ -83,36 +95,34 @@ def attachment(model: nn.Module) -> Attachment:
     return att
 
 
-def _sync_base(att: Attachment, weights: list[torch.Tensor]) -> None:
+def _sync_base(att: Attachment, targets: list[Target]) -> None:
     """Re-derive the pre-plugin rows of every weight changed since our last write."""
-    d = att.plugin.spec.attn_dim
-    w0 = weights[0]
+    w0 = targets[0][0][0]
     if att.base.device != w0.device or att.base.dtype != w0.dtype:  # the model was moved or cast
         att.base = torch.empty_like(att.base, device=w0.device, dtype=w0.dtype)
-        att.stamps = [(-1, -1)] * len(weights)
+        att.stamps = [()] * len(targets)
         att.plugin.to(w0.device)
     applied = None  # the dense delta, only if some weight changed behind our back
-    for i, w in enumerate(weights):
-        if att.stamps[i] == _stamp(w):
+    for i, target in enumerate(targets):
+        if att.stamps[i] == _stamp(target):
             continue
-        current = torch.stack(_rows(w.detach(), d))
+        current = torch.stack([rows.detach() for rows in _rows(target)])
         if att.applied is not None:
-            acc = _accumulation_dtype(w.dtype)
+            acc = _accumulation_dtype(w0.dtype)
             applied = att.plugin.delta_of(att.applied, acc) if applied is None else applied
-            current = (current.to(acc) - applied[i]).to(w.dtype)
+            current = (current.to(acc) - applied[i]).to(w0.dtype)
         att.base[i] = current
-        att.stamps[i] = _stamp(w)
+        att.stamps[i] = _stamp(target)
 
 
-def _fold(att: Attachment, weights: list[torch.Tensor], coeff: torch.Tensor | None) -> None:
+def _fold(att: Attachment, targets: list[Target], coeff: torch.Tensor | None) -> None:
     """Write pre-plugin rows + delta(coeff) into every W_q and W_v, one fused product per row block
     (``base + b @ a``, never a dense delta), rounded once to the weights' dtype."""
-    d = att.plugin.spec.attn_dim
     factors = None
     if coeff is not None:
-        factors = att.plugin.factors(coeff, _accumulation_dtype(weights[0].dtype))
-    for i, w in enumerate(weights):
-        for p, rows in enumerate(_rows(w, d)):
+        factors = att.plugin.factors(coeff, _accumulation_dtype(targets[0][0][0].dtype))
+    for i, target in enumerate(targets):
+        for p, rows in enumerate(_rows(target)):
             if factors is None:
                 rows.copy_(att.base[i, p])
             elif factors[0].dtype == rows.dtype:
@@ -120,7 +130,7 @@ def _fold(att: Attachment, weights: list[torch.Tensor], coeff: torch.Tensor | No
             else:  # 16-bit weights: the sum in float32, rounded once
                 b, a = factors[0][i, p], factors[1][i, p]
                 rows.copy_(torch.addmm(att.base[i, p].to(b.dtype), b, a))
-        att.stamps[i] = _stamp(w)
+        att.stamps[i] = _stamp(target)
     att.applied = coeff
 
 
@@ -161,12 +171,11 @@ def attach(model: nn.Module, plugin: CompensatorBank, source: int, scale: float 
                          f"tocom.patch(model, {plugin.spec.method!r}) first")
     check_mode(plugin.spec, model)
     with state_lock(model).exclusive():
-        weights = _weights(model)
-        d = plugin.spec.attn_dim
-        base = torch.stack([torch.stack(_rows(w.detach(), d)) for w in weights]).clone()
+        targets = _targets(model)
+        base = torch.stack([torch.stack([rows.detach() for rows in _rows(t)]) for t in targets]).clone()
         plugin.to(device=base.device)
         model.__dict__[_KEY] = Attachment(plugin, source, source, scale, base,
-                                          stamps=[_stamp(w) for w in weights])
+                                          stamps=[_stamp(t) for t in targets])
         set_plugin_hooks(model, PluginHooks(plugin.spec.method, _at_degree, detach, plugin.spec.mode))
         model.r = source
     return model
@@ -184,9 +193,9 @@ def set_degree(model: nn.Module, target: int, scale: float | None = None) -> nn.
         att = attachment(model)
         att.plugin.check_degree(target)
         scale = att.scale if scale is None else scale
-        weights = _weights(model)
-        _sync_base(att, weights)
-        _fold(att, weights, _coefficients(att, target, scale))
+        targets = _targets(model)
+        _sync_base(att, targets)
+        _fold(att, targets, _coefficients(att, target, scale))
         att.degree, att.scale = target, scale
         model.r = target
     return model
@@ -198,9 +207,9 @@ def detach(model: nn.Module) -> nn.Module:
     attachment(model)
     with state_lock(model).exclusive():
         att = attachment(model)
-        weights = _weights(model)
-        _sync_base(att, weights)
-        _fold(att, weights, None)
+        targets = _targets(model)
+        _sync_base(att, targets)
+        _fold(att, targets, None)
         del model.__dict__[_KEY]
         set_plugin_hooks(model, None)
         model.r = att.source

@@ -44,6 +44,7 @@ class PluginSpec:
     variant: str = "standard"
     recipe: dict = field(default_factory=dict)
     mode: str = "standard"  # the compression mode it was distilled in (tocom.patch's mode)
+    family: str = "timm-vit"  # backbone family (tocom.models.family_of); files before it were all timm-vit
 
     @property
     def max_degree(self) -> int:
@@ -167,4 +168,4 @@ class CompensatorBank(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"arch={s.arch}, depth={s.depth}, dim={s.embed_dim}, groups={s.groups}, rank={s.rank}, "
-                f"scale={s.scale}, method={s.method}, variant={s.variant}, mode={s.mode}")
+                f"scale={s.scale}, method={s.method}, variant={s.variant}, mode={s.mode}, family={s.family}")

@@ -1,11 +1,11 @@
-"""Does a plugin fit a model? Shapes read off a timm ViT, mismatches named."""
+"""Does a plugin fit a model? Family and shapes read off the model through its adapter, mismatches named."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from tocom.compensator.bank import PluginSpec
-from tocom.models import dims_of
+from tocom.models import adapter_for
 
 
 def _arch_name(model: nn.Module) -> str:
@@ -14,11 +14,14 @@ def _arch_name(model: nn.Module) -> str:
 
 
 def spec_for(model: nn.Module, **kwargs) -> PluginSpec:
-    """A :class:`PluginSpec` for ``model``; ``kwargs`` set groups, rank, scale, method, variant, arch."""
-    dims = dims_of(model)
+    """A :class:`PluginSpec` for ``model`` (any supported family); ``kwargs`` set groups, rank, scale,
+    method, variant, arch, mode."""
+    adapter = adapter_for(model)
+    dims = adapter.dims(model)
     arch = kwargs.pop("arch", None) or _arch_name(model)
     return PluginSpec(arch=arch, embed_dim=dims.embed_dim, depth=dims.depth,
-                      num_heads=model.blocks[0].attn.num_heads, attn_dim=dims.attn_dim, **kwargs)
+                      num_heads=adapter.num_heads(model), attn_dim=dims.attn_dim, family=adapter.family,
+                      **kwargs)
 
 
 def check_mode(spec: PluginSpec, model: nn.Module) -> None:
@@ -34,6 +37,9 @@ def check_mode(spec: PluginSpec, model: nn.Module) -> None:
 def check_fits(spec: PluginSpec, model: nn.Module) -> None:
     """Raise ValueError naming every way ``spec`` does not fit ``model``."""
     here = spec_for(model)
+    if spec.family != here.family:
+        raise ValueError(f"plugin for {spec.arch} was trained on a {spec.family} model; this {here.arch} is "
+                         f"a {here.family} model. Use a plugin trained for this model family.")
     problems = [
         f"{what} {getattr(spec, field)}, model has {getattr(here, field)}"
         for field, what in (("depth", "depth"), ("embed_dim", "embed dim"),

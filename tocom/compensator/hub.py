@@ -62,6 +62,7 @@ tocom.set_degree(model, 16)             # fold delta(0 -> 16) into the weights
 | embed dim / depth / heads | {s.embed_dim} / {s.depth} / {s.num_heads} |
 | groups / rank / scale | {s.groups} / {s.rank} / {s.scale} |
 | method / variant / mode | {s.method} / {s.variant} / {s.mode} |
+| model family | {s.family} |
 
 ## Training recipe
 

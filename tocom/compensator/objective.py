@@ -25,7 +25,7 @@ from torch import nn
 
 from tocom.compensator.bank import CompensatorBank
 from tocom.compensator.fit import check_mode
-from tocom.models import is_patched, patch
+from tocom.models import is_patched, patch, require_feature
 
 LOSSES = ("kd", "ce")
 
@@ -47,6 +47,8 @@ class DistillObjective(nn.Module):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.max_r = plugin.spec.max_degree if max_r is None else max_r
         plugin.check_degree(self.max_r)
+        # The student runs with a per-call q/v delta; a family without it would silently ignore it.
+        require_feature(model, "per_call", "compensator distillation (a per-call q/v delta)")
         if self.max_r < 1:
             raise ValueError("max_r must be >= 1: distillation needs two different degrees")
         if not is_patched(model):

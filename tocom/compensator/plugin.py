@@ -25,7 +25,8 @@ class Compensator(CompensatorBank):
     def init_for(cls, model: nn.Module, groups: int = 16, rank: int = 2, scale: float = 0.1,
                  method: str = "tome", variant: str = "standard", arch: str | None = None,
                  mode: str = "standard") -> Compensator:
-        """A fresh plugin shaped for ``model`` (a timm ViT); ``mode`` is the compression mode it serves."""
+        """A fresh plugin shaped for ``model`` (any supported family, recorded in ``spec.family``);
+        ``mode`` is the compression mode it serves."""
         return cls(spec_for(model, groups=groups, rank=rank, scale=scale, method=method,
                             variant=variant, arch=arch, mode=mode))
 

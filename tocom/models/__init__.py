@@ -1,22 +1,28 @@
-"""Layer 2: backbone adapters that route block forwards through layer 1."""
+"""Layer 2: backbone adapters that route block forwards through layer 1.
 
+One adapter per family (:mod:`tocom.models.adapter` states the contract); :mod:`tocom.models.registry`
+dispatches ``patch``, ``unpatch``, ``dims_of`` and ``schedule_report`` to the right one.
+"""
+
+from tocom.models.adapter import Adapter, Projection, QVProjections
 from tocom.models.blocks import COMPRESSION_METHODS, CompressionConfig, QVDelta, TokenState
 from tocom.models.lock import StateLock
-from tocom.models.vit import (
-    SUPPORTED,
-    PluginHooks,
+from tocom.models.registry import (
+    adapter_for,
     dims_of,
+    family_of,
     is_patched,
     patch,
-    plugin_hooks,
+    require_feature,
     schedule_report,
-    set_plugin_hooks,
-    state_lock,
+    supported_families,
     unpatch,
 )
+from tocom.models.state import PluginHooks, plugin_hooks, set_plugin_hooks, state_lock
+from tocom.models.vit import SUPPORTED
 
 __all__ = [
-    "COMPRESSION_METHODS", "SUPPORTED", "CompressionConfig", "PluginHooks", "QVDelta", "StateLock",
-    "TokenState", "dims_of", "is_patched", "patch", "plugin_hooks", "schedule_report", "set_plugin_hooks",
-    "state_lock", "unpatch",
+    "COMPRESSION_METHODS", "SUPPORTED", "Adapter", "CompressionConfig", "PluginHooks", "Projection", "QVDelta", "QVProjections",
+    "StateLock", "TokenState", "adapter_for", "dims_of", "family_of", "is_patched", "patch", "plugin_hooks",
+    "require_feature", "schedule_report", "set_plugin_hooks", "state_lock", "supported_families", "unpatch",
 ]

@@ -1,14 +1,13 @@
-"""Adapter for timm ``VisionTransformer`` (DeiT distilled, registers, layer scale, q/k norm).
+"""Family ``timm-vit``: timm ``VisionTransformer`` (DeiT distilled, registers, layer scale, q/k norm).
 
-:func:`patch` swaps the model's class for a subclass whose ``forward_features`` and
-``forward_head`` run :func:`tocom.models.blocks.block_forward`; :func:`unpatch` swaps it back.
-No weights are touched, so unpatching restores bit-identical outputs.
+Patching swaps the model's class for a subclass whose ``forward_tokens`` and ``forward_head`` run
+:func:`tocom.models.blocks.block_forward`; unpatching swaps it back. No weights are touched, so
+unpatching restores bit-identical outputs. The reference family: every optional feature of the
+adapter contract (:mod:`tocom.models.adapter`), dense mode included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,30 +16,13 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tocom.compress import (
-    Schedule,
-    ViTDims,
-    clamp_schedule,
-    dense_clamp,
-    dense_model_flops,
-    gflops,
-    initial_source,
-    resolve_schedule,
-    tokens_per_layer,
-)
-from tocom.models.blocks import (
-    COMPRESSION_METHODS,
-    MODES,
-    CompressionConfig,
-    QVDelta,
-    TokenState,
-    block_forward,
-)
-from tocom.models.lock import StateLock
+from tocom.compress import Schedule, ViTDims, initial_source
+from tocom.models.adapter import Adapter, QVProjections, fused_qv, restore_class, swap_class
+from tocom.models.blocks import CompressionConfig, QVDelta, TokenState, block_forward
+from tocom.models.state import TokensMixin, init_state, refuse_masks, require_sizes
 
 SUPPORTED = "timm VisionTransformer models (ViT, DeiT, DeiT distilled, ViTs with registers) built from Block"
 _PATCHED_CLASSES: dict[type, type] = {}
-_HOOKS = "_tocom_plugin"
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -54,12 +36,7 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` has been applied."""
-    return hasattr(model, "_tocom")
-
-
-def dims_of(model: nn.Module) -> ViTDims:
+def timm_vit_dims(model: nn.Module) -> ViTDims:
     """Shape facts of a timm ViT for FLOPs and schedules."""
     blk = model.blocks[0]
     patch = model.patch_embed.patch_size
@@ -76,117 +53,12 @@ def dims_of(model: nn.Module) -> ViTDims:
     )
 
 
-def schedule_report(model: nn.Module, r: Schedule | None = None, mode: str | None = None) -> dict[str, Any]:
-    """Tokens per block and analytic GFLOPs of a timm ViT at schedule ``r`` (default: ``model.r``).
-
-    ``mode`` (default: the patched model's, else ``"standard"``) decides the cost: in ``"dense"``
-    mode attention runs on every token and each MLP on ``N - r`` of them.
-
-    Returns:
-        ``{"schedule": effective per-block r, "tokens": length after each block (its attention's
-        length in the next block), "mlp_tokens": tokens each MLP runs on, "gflops": per image,
-        "gflops_ratio": vs r = 0, "mode"}``.
-    """
-    dims = dims_of(model)
-    r = (model.r if is_patched(model) else 0) if r is None else r
-    mode = (model._tocom.mode if is_patched(model) else "standard") if mode is None else mode
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    n, p = dims.num_tokens, dims.num_prefix
-    full = gflops(dims, [0] * dims.depth)
-    if mode == "dense":
-        schedule = dense_clamp(resolve_schedule(r, dims.depth), n, p)
-        cost = dense_model_flops(dims, schedule) / 1e9
-        return {"schedule": schedule, "tokens": [n] * dims.depth, "mlp_tokens": [n - k for k in schedule],
-                "gflops": cost, "gflops_ratio": cost / full, "mode": mode}
-    schedule = clamp_schedule(resolve_schedule(r, dims.depth), n, p)
-    tokens = tokens_per_layer(schedule, n, p)
-    return {"schedule": schedule, "tokens": tokens, "mlp_tokens": tokens, "gflops": gflops(dims, schedule),
-            "gflops_ratio": gflops(dims, schedule) / full, "mode": mode}
-
-
-@dataclass
-class PluginHooks:
-    """What a plugin layer above hangs on a patched model (this layer never imports it).
-
-    Attributes:
-        method: the compression method the plugin was trained for; re-patching may not change it.
-        mode: the compression mode (standard, dense) it was distilled in; likewise fixed.
-        at_degree: for a per-call degree, the live q/v additions that turn the weights as folded
-            now into the weights of that degree (None when none are needed).
-        detach: undoes the plugin's folded delta; :func:`unpatch` calls it first.
-    """
-
-    method: str
-    at_degree: Callable[[nn.Module, Schedule], QVDelta | None]
-    detach: Callable[[nn.Module], None]
-    mode: str = "standard"
-
-
-def plugin_hooks(model: nn.Module) -> PluginHooks | None:
-    """The hooks a plugin registered on ``model``, or None."""
-    return model.__dict__.get(_HOOKS)
-
-
-def set_plugin_hooks(model: nn.Module, hooks: PluginHooks | None) -> None:
-    """Register (or with None, remove) a plugin's hooks on a patched model."""
-    if hooks is None:
-        model.__dict__.pop(_HOOKS, None)
-    else:
-        model.__dict__[_HOOKS] = hooks
-
-
-def state_lock(model: nn.Module) -> StateLock:
-    """The lock whose exclusive side every change of a patched model's degree or weights takes."""
-    return model.__dict__["_tocom_lock"]
-
-
-class CompressedViTMixin:
-    """Methods shared by every patched ViT class."""
-
-    @property
-    def r(self) -> Schedule:
-        """The reduction schedule: int, per-block list, or ``(r, inflection)``."""
-        return self._tocom_r
-
-    @r.setter
-    def r(self, value: Schedule) -> None:
-        resolve_schedule(value, len(self.blocks))  # validate now, not at the next forward
-        with state_lock(self).exclusive():  # never between two blocks of a running forward
-            self._tocom_r = value
-
-    def effective_schedule(self, num_tokens: int | None = None, r: Schedule | None = None) -> list[int]:
-        """Per-block r actually applied for ``num_tokens`` (default: the model's) at ``r`` (default:
-        ``self.r``)."""
-        n = self.patch_embed.num_patches + self.num_prefix_tokens if num_tokens is None else num_tokens
-        r = self.r if r is None else r
-        clamp = dense_clamp if self._tocom.mode == "dense" else clamp_schedule
-        return clamp(resolve_schedule(r, len(self.blocks)), n, self.num_prefix_tokens)
-
-    def forward_tokens(self, x: torch.Tensor, r: Schedule | None = None, qv_delta: QVDelta | None = None
-                       ) -> tuple[torch.Tensor, TokenState]:
-        """Images (B, 3, H, W) -> final normalised tokens (B, N_L, C) and their :class:`TokenState`.
-
-        Args:
-            r: a degree for this call only (default: ``self.r``); no shared state changes. With a
-                plugin attached the call also gets the plugin's delta for that degree, on the fly.
-            qv_delta: live q/v additions for this call (a plugin in training).
-        """
-        if torch.compiler.is_compiling():  # a traced graph holds no lock; see docs/export.md
-            return self._forward_tokens(x, r, qv_delta)
-        with state_lock(self).shared():  # degree and weights stay put until this forward ends
-            return self._forward_tokens(x, r, qv_delta)
+class CompressedViTMixin(TokensMixin):
+    """Methods shared by every patched timm ViT class."""
 
     def _forward_tokens(self, x: torch.Tensor, r: Schedule | None, qv_delta: QVDelta | None
                         ) -> tuple[torch.Tensor, TokenState]:
         config: CompressionConfig = self._tocom
-        hooks = plugin_hooks(self)
-        if r is not None and hooks is not None:
-            extra = hooks.at_degree(self, r)
-            if extra is not None and qv_delta is not None:
-                raise ValueError("a per-call degree on a model with an attached plugin cannot take another "
-                                 "qv_delta; detach the plugin first")
-            qv_delta = extra if extra is not None else qv_delta
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         batch, n, _ = x.shape
         schedule = self.effective_schedule(n, r)
@@ -206,7 +78,7 @@ class CompressedViTMixin:
                          r: Schedule | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) -> tokens (B, N_L, C). For their sizes use :meth:`forward_tokens`;
         ``self.last_state`` records the latest forward (of any thread) for inspection only."""
-        _refuse_masks(attn_mask, is_causal)
+        refuse_masks(attn_mask, is_causal)
         x, state = self.forward_tokens(x, r)
         self.last_state = state
         return x
@@ -231,94 +103,39 @@ class CompressedViTMixin:
         """
         if self.global_pool not in ("avg", "avgmax") or self.attn_pool is not None:
             return super().forward_head(x, pre_logits=pre_logits)
-        if size is None and x.shape[1] < self.patch_embed.num_patches + self.num_prefix_tokens:
-            raise ValueError(
-                f"average pooling of {x.shape[1]} reduced tokens needs their sizes: call "
-                "x, state = model.forward_tokens(images) and model.forward_head(x, size=state.size)"
-            )
+        require_sizes(x, size, self.patch_embed.num_patches + self.num_prefix_tokens)
         x = self.head_drop(self.fc_norm(self.pool(x, size=size)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, *,
                 r: Schedule | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) -> logits; ``r`` runs this call alone at that degree."""
-        _refuse_masks(attn_mask, is_causal)
+        refuse_masks(attn_mask, is_causal)
         x, state = self.forward_tokens(x, r)
         self.last_state = state
         return self.forward_head(x, size=state.size)
 
 
-def _refuse_masks(attn_mask: Any, is_causal: bool) -> None:
-    if attn_mask is not None or is_causal:
-        raise ValueError("attention masks do not survive token reduction; unpatch the model to use them")
+class TimmViTAdapter(Adapter):
+    family = "timm-vit"
+    description = "timm VisionTransformer (ViT, DeiT + distilled, DeiT-3, CLIP, SigLIP, DINOv2, registers)"
+    features = frozenset({"per_call", "dense"})
 
+    def claims(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
 
-def _patched_class(cls: type) -> type:
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"Compressed{cls.__name__}", (CompressedViTMixin, cls), {})
-    return _PATCHED_CLASSES[cls]
-
-
-def patch(model: nn.Module, method: str = "tome", *, prop_attn: bool = True,
-          trace_source: bool = False, fuse: bool = False, mode: str = "standard") -> nn.Module:
-    """Make a timm ViT reduce tokens; set the degree with ``model.r = ...`` (default 0).
-
-    Args:
-        model: a timm ``VisionTransformer`` (patched in place).
-        method: ``"tome"`` (merge similar tokens) or ``"evit"`` (prune inattentive ones).
-        mode: ``"standard"`` (tokens removed stay removed) or ``"dense"`` (ToMe only: each block
-            merges r of its full-length input before the MLP and unmerges the MLP's output, so
-            every patch keeps its own output token, for dense prediction).
-        prop_attn: add ``log(size)`` of each key to the attention logits.
-        trace_source: keep the token-to-patch map in ``model.last_state.source``.
-        fuse: EViT only: fuse pruned tokens into one.
-
-    Returns:
-        the same model. Patching a patched model updates these options, with the same checks.
-    """
-    if method not in COMPRESSION_METHODS:
-        raise ValueError(f"method must be one of {COMPRESSION_METHODS}, got {method!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "dense" and method != "tome":
-        raise ValueError(f"dense mode merges tokens and unmerges them after each MLP; {method} prunes "
-                         "tokens, which cannot be unmerged: use method='tome'")
-    if not is_patched(model):
+    def check(self, model: nn.Module) -> None:
         _check_supported(model)
-    if method == "evit" and model.cls_token is None:
-        raise ValueError("EViT ranks tokens by class-token attention; this model has no class token")
-    if method != "tome" and any(hasattr(blk, "merge_modulator") for blk in model.blocks):
-        raise ValueError("this model has PYRA modulators, which only act on ToMe merges; "
-                         "call tocom.pyra.remove_pyra(model) before patching it for EViT")
-    config = CompressionConfig(method, prop_attn, trace_source, fuse, mode)
-    if is_patched(model):
-        hooks = plugin_hooks(model)
-        if hooks is not None and hooks.method != method:
-            raise ValueError(f"a {hooks.method} compensator is attached to this model; "
-                             f"tocom.detach(model) before patching it for {method}")
-        if hooks is not None and hooks.mode != mode:
-            raise ValueError(f"a compensator distilled in {hooks.mode} mode is attached to this model; "
-                             f"tocom.detach(model) before patching it in {mode} mode")
-        with state_lock(model).exclusive():
-            model._tocom = config
-        return model
-    model.__class__ = _patched_class(type(model))
-    model._tocom_lock = StateLock()
-    model._tocom = config
-    model._tocom_r = 0
-    return model
 
+    def patch(self, model: nn.Module, config: CompressionConfig) -> None:
+        swap_class(model, CompressedViTMixin, _PATCHED_CLASSES)
+        init_state(model, config)
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch` (detaching any plugin first): class, weights and outputs are restored."""
-    if not is_patched(model):
-        return model
-    hooks = plugin_hooks(model)
-    if hooks is not None:
-        hooks.detach(model)
-    with state_lock(model).exclusive():
-        model.__class__ = next(c for c in type(model).__mro__[1:] if c is not CompressedViTMixin
-                               and not issubclass(c, CompressedViTMixin))
-    for name in ("_tocom", "_tocom_r", "last_state", "_tocom_lock", _HOOKS):
-        model.__dict__.pop(name, None)
-    return model
+    def unpatch(self, model: nn.Module) -> None:
+        restore_class(model)
+
+    def dims(self, model: nn.Module) -> ViTDims:
+        return timm_vit_dims(model)
+
+    def qv_projections(self, model: nn.Module) -> list[QVProjections]:
+        return [fused_qv(blk.attn, blk.attn.num_heads * blk.attn.head_dim) for blk in model.blocks]

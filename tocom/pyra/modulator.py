@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tocom.compress import ViTDims, check_unclamped, clamp_schedule, resolve_schedule
-from tocom.models import dims_of, is_patched
+from tocom.models import dims_of, family_of, is_patched
 
 PARAM_PATTERN = "blocks.*.merge_modulator.*"  # for tocom.peft.mark_trainable(extra=...)
 ATTR = "merge_modulator"  # the block attribute tocom.models.blocks calls before merging
@@ -85,6 +85,9 @@ def add_pyra(model: nn.Module) -> nn.Module:
     """
     if not is_patched(model) or model._tocom.method != "tome":
         raise ValueError("PYRA modulates ToMe merges: call tocom.patch(model, 'tome') and set model.r first")
+    if family_of(model) != "timm-vit":  # untested elsewhere, and its LoRA (tocom.peft) is timm-vit only
+        raise ValueError(f"PYRA supports timm VisionTransformer models (timm-vit) for now; this "
+                         f"{type(model).__name__} is a {family_of(model)} model")
     dims = dims_of(model)
     schedule = check_unclamped(resolve_schedule(model.r, dims.depth), dims.num_tokens, dims.num_prefix)
     if not any(schedule):
