@@ -69,8 +69,10 @@ from tocom.compress import (
     prune_source,
 )
 from tocom.models.blocks import CompressionConfig
+from tocom.models.state import init_state
 
 FEATURES = ("per_call", "dense")
+_PATCHED: dict[tuple[type, type], type] = {}  # (mixin, class) -> patched class
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class Adapter:
     family: str = ""
     description: str = ""
     features: frozenset[str] = frozenset()
+    mixin: type | None = None  # what the default patch mixes into the model's class
+
 
     def claims(self, model: nn.Module) -> bool:
         raise NotImplementedError
@@ -108,10 +112,13 @@ class Adapter:
         """Raise TypeError for a claimed model this adapter cannot handle (default: none)."""
 
     def patch(self, model: nn.Module, config: CompressionConfig) -> None:
-        raise NotImplementedError
+        """Default: mix :attr:`mixin` into the model's class and give the model its state."""
+        swap_class(model, self.mixin)
+        init_state(model, config)
 
     def unpatch(self, model: nn.Module) -> None:
-        raise NotImplementedError
+        """Default: undo the class swap (the registry drops the state)."""
+        restore_class(model)
 
     def reconfigure(self, model: nn.Module, config: CompressionConfig) -> None:
         model._tocom = config
@@ -139,12 +146,12 @@ def fused_qv(owner: nn.Module, attn_dim: int, name: str = "qkv") -> QVProjection
                          Projection(owner, name, slice(2 * attn_dim, 3 * attn_dim)))
 
 
-def swap_class(model: nn.Module, mixin: type, cache: dict[type, type]) -> None:
+def swap_class(model: nn.Module, mixin: type) -> None:
     """Make ``model`` an instance of ``(mixin, its class)``; reversible by :func:`restore_class`."""
     cls = type(model)
-    if cls not in cache:
-        cache[cls] = type(f"Compressed{cls.__name__}", (mixin, cls), {"_tocom_base": cls})
-    model.__class__ = cache[cls]
+    if (mixin, cls) not in _PATCHED:
+        _PATCHED[mixin, cls] = type(f"Compressed{cls.__name__}", (mixin, cls), {"_tocom_base": cls})
+    model.__class__ = _PATCHED[mixin, cls]
 
 
 def restore_class(model: nn.Module) -> None:
@@ -235,6 +242,21 @@ def reduce(x: torch.Tensor, metric: torch.Tensor | None, r: int, size: torch.Ten
             extra = prune(plan, extra, size, attn_includes_size=config.prop_attn)[0]
         x, size = prune(plan, x, size, attn_includes_size=config.prop_attn)
     return x, size, source, extra
+
+
+class SizedPoolMixin:
+    """``pool`` of a timm model (``VisionTransformer``, ``Eva``) with average pooling weighted by size."""
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None, size: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """x (B, N, C), size (B, N, 1) or None -> (B, C); without sizes, timm's own pooling."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)
+        if not getattr(self, "pool_include_prefix", False):  # Eva never pools its prefix tokens
+            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+        mean = weighted_mean(x, size)
+        return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
 
 def weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:

@@ -28,15 +28,11 @@ from tocom.models.adapter import (
     fused_qv,
     need_for,
     reduce,
-    restore_class,
-    swap_class,
     weighted_mean,
 )
 from tocom.models.blocks import CompressionConfig, QVDelta, TokenState
 from tocom.models.eva import timm_dims, timm_qkv
-from tocom.models.state import TokensMixin, init_state, require_sizes
-
-_CLASSES: dict[type, type] = {}
+from tocom.models.state import TokensMixin, require_sizes
 
 
 def follow_bias(bias: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -117,11 +113,6 @@ class CompressedBeitMixin(TokensMixin):
         state.source = source if config.trace_source else None
         return self.norm(x), state
 
-    def forward_features(self, x: torch.Tensor, *, r: Schedule | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) -> tokens (B, N_L, C); sizes come from :meth:`forward_tokens`."""
-        x, self.last_state = self.forward_tokens(x, r)
-        return x
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
                      ) -> torch.Tensor:
         """Tokens (B, N, C) -> logits (B, classes); average pooling is size-weighted, so reduced tokens
@@ -135,16 +126,11 @@ class CompressedBeitMixin(TokensMixin):
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, *, r: Schedule | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) -> logits; ``r`` runs this call alone at that degree."""
-        x, state = self.forward_tokens(x, r)
-        self.last_state = state
-        return self.forward_head(x, size=state.size)
-
 
 class BeitAdapter(Adapter):
     family = "timm-beit"
     description = "timm Beit (BEiT, BEiT v2) with relative position bias"
+    mixin = CompressedBeitMixin
     features = frozenset({"per_call"})
 
     def claims(self, model: nn.Module) -> bool:
@@ -155,13 +141,6 @@ class BeitAdapter(Adapter):
             if type(blk) is not Block:
                 raise TypeError(f"{type(model).__name__} block {i} is {type(blk).__name__}; "
                                 "tocom supports timm.models.beit.Block")
-
-    def patch(self, model: nn.Module, config: CompressionConfig) -> None:
-        swap_class(model, CompressedBeitMixin, _CLASSES)
-        init_state(model, config)
-
-    def unpatch(self, model: nn.Module) -> None:
-        restore_class(model)
 
     def dims(self, model: nn.Module) -> ViTDims:
         return timm_dims(model)

@@ -20,8 +20,6 @@ so compensator distillation works); not ``dense`` (dense mode is refused).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, _build_grid, _rope_layout, apply_rot_embed_cat
@@ -34,19 +32,15 @@ from tocom.models.adapter import (
     Adapter,
     Projection,
     QVProjections,
+    SizedPoolMixin,
     add_qv,
     attend,
     fused_qv,
     need_for,
     reduce,
-    restore_class,
-    swap_class,
-    weighted_mean,
 )
 from tocom.models.blocks import CompressionConfig, QVDelta, TokenState
-from tocom.models.state import TokensMixin, init_state, refuse_masks, require_sizes
-
-_CLASSES: dict[type, type] = {}
+from tocom.models.state import TokensMixin, require_sizes
 
 
 def rope_coords(rope: RotaryEmbeddingCat, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -141,7 +135,7 @@ def eva_block(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, r: int
     return x + blk.drop_path2(out), size, source, coords
 
 
-class CompressedEvaMixin(TokensMixin):
+class CompressedEvaMixin(SizedPoolMixin, TokensMixin):
     """Forward methods of a patched ``Eva``."""
 
     def _forward_tokens(self, x: torch.Tensor, r: Schedule | None, qv_delta: QVDelta | None
@@ -170,23 +164,6 @@ class CompressedEvaMixin(TokensMixin):
             state.tokens.append(x.shape[1])
         return self.norm(x), state
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, *,
-                         r: Schedule | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) -> tokens (B, N_L, C); sizes come from :meth:`forward_tokens`."""
-        refuse_masks(attn_mask, is_causal)
-        x, self.last_state = self.forward_tokens(x, r)
-        return x
-
-    def pool(self, x: torch.Tensor, pool_type: str | None = None, size: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        """timm pooling with average pooling weighted by token size. x: (B, N, C) -> (B, C)."""
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
-            return super().pool(x, pool_type)
-        x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
-        mean = weighted_mean(x, size)
-        return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
                      ) -> torch.Tensor:
         """Tokens (B, N, C) -> logits (B, classes) or pooled features (B, C); ``size`` (B, N, 1) from
@@ -196,18 +173,11 @@ class CompressedEvaMixin(TokensMixin):
         x = self.head_drop(self.fc_norm(self.pool(x, size=size)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, *,
-                r: Schedule | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) -> logits; ``r`` runs this call alone at that degree."""
-        refuse_masks(attn_mask, is_causal)
-        x, state = self.forward_tokens(x, r)
-        self.last_state = state
-        return self.forward_head(x, size=state.size)
-
 
 class EvaAdapter(Adapter):
     family = "timm-eva"
     description = "timm Eva (EVA, EVA-02, RoPE ViTs vit_*_rope_* with axial 'cat' rotary embeddings)"
+    mixin = CompressedEvaMixin
     features = frozenset({"per_call"})
 
     def claims(self, model: nn.Module) -> bool:
@@ -227,13 +197,6 @@ class EvaAdapter(Adapter):
                                 "tocom supports EvaBlock and EvaBlockPostNorm")
             if getattr(blk.attn, "num_kv_groups", 1) != 1:
                 raise TypeError(f"{name} block {i} uses grouped-query attention; tocom does not support it")
-
-    def patch(self, model: nn.Module, config: CompressionConfig) -> None:
-        swap_class(model, CompressedEvaMixin, _CLASSES)
-        init_state(model, config)
-
-    def unpatch(self, model: nn.Module) -> None:
-        restore_class(model)
 
     def dims(self, model: nn.Module) -> ViTDims:
         return timm_dims(model)

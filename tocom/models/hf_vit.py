@@ -58,8 +58,6 @@ _MODELS = {
     "SiglipVisionModel": ("encoder", "embeddings"),
     "SiglipForImageClassification": ("vision_model.encoder", "vision_model.embeddings"),
 }
-_OWNERS: dict[type, type] = {}
-_TOPS: dict[type, type] = {}
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:
@@ -255,13 +253,13 @@ class HFViTAdapter(Adapter):
         owner_path = _MODELS[name][0]
         owner = _get(model, owner_path)
         mixin = CompressedViTModelMixin if hasattr(owner, "embeddings") else CompressedEncoderMixin
-        swap_class(owner, mixin, _OWNERS)
+        swap_class(owner, mixin)
         init_state(owner, config)
         dims = self.dims(model)
         owner._tocom_prefix, owner._tocom_tokens = dims.num_prefix, dims.num_tokens
         if owner is not model:
             dinov2_head = name.startswith("Dinov2") and "Classification" in name
-            swap_class(model, CompressedDinov2ClassifierMixin if dinov2_head else CompressedTopMixin, _TOPS)
+            swap_class(model, CompressedDinov2ClassifierMixin if dinov2_head else CompressedTopMixin)
             model._tocom_lock, model._tocom = owner._tocom_lock, config
             model._tocom_owner_path = owner_path
 

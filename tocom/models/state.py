@@ -142,6 +142,23 @@ class TokensMixin(CompressedMixin):
                         ) -> tuple[torch.Tensor, TokenState]:
         raise NotImplementedError
 
+    def forward_features(self, x: torch.Tensor, attn_mask: object = None, is_causal: bool = False, *,
+                         r: Schedule | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) -> tokens (B, N_L, C). For their sizes use :meth:`forward_tokens`;
+        ``self.last_state`` records the latest forward (of any thread) for inspection only."""
+        refuse_masks(attn_mask, is_causal)
+        x, state = self.forward_tokens(x, r)
+        self.last_state = state
+        return x
+
+    def forward(self, x: torch.Tensor, attn_mask: object = None, is_causal: bool = False, *,
+                r: Schedule | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) -> logits (or pooled features); ``r`` runs this call alone at that degree."""
+        refuse_masks(attn_mask, is_causal)
+        x, state = self.forward_tokens(x, r)
+        self.last_state = state
+        return self.forward_head(x, size=state.size)
+
 
 def refuse_masks(attn_mask: object, is_causal: bool = False) -> None:
     """Attention masks index the original sequence; after a reduction they would be wrong."""

@@ -8,8 +8,6 @@ adapter contract (:mod:`tocom.models.adapter`), dense mode included.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -17,12 +15,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tocom.compress import Schedule, ViTDims, initial_source
-from tocom.models.adapter import Adapter, QVProjections, fused_qv, restore_class, swap_class
+from tocom.models.adapter import Adapter, QVProjections, SizedPoolMixin, fused_qv
 from tocom.models.blocks import CompressionConfig, QVDelta, TokenState, block_forward
-from tocom.models.state import TokensMixin, init_state, refuse_masks, require_sizes
+from tocom.models.state import TokensMixin, require_sizes
 
 SUPPORTED = "timm VisionTransformer models (ViT, DeiT, DeiT distilled, ViTs with registers) built from Block"
-_PATCHED_CLASSES: dict[type, type] = {}
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -53,7 +50,7 @@ def timm_vit_dims(model: nn.Module) -> ViTDims:
     )
 
 
-class CompressedViTMixin(TokensMixin):
+class CompressedViTMixin(SizedPoolMixin, TokensMixin):
     """Methods shared by every patched timm ViT class."""
 
     def _forward_tokens(self, x: torch.Tensor, r: Schedule | None, qv_delta: QVDelta | None
@@ -74,26 +71,6 @@ class CompressedViTMixin(TokensMixin):
             state.tokens.append(x.shape[1])
         return self.norm(x), state
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, *,
-                         r: Schedule | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) -> tokens (B, N_L, C). For their sizes use :meth:`forward_tokens`;
-        ``self.last_state`` records the latest forward (of any thread) for inspection only."""
-        refuse_masks(attn_mask, is_causal)
-        x, state = self.forward_tokens(x, r)
-        self.last_state = state
-        return x
-
-    def pool(self, x: torch.Tensor, pool_type: str | None = None, size: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        """timm pooling with average pooling weighted by token size. x: (B, N, C) -> (B, C)."""
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
-            return super().pool(x, pool_type)
-        if not self.pool_include_prefix:
-            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
-        mean = (x * size).sum(1) / size.sum(1)
-        return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
                      ) -> torch.Tensor:
         """Tokens (B, N, C) -> logits (B, classes) or pooled features (B, C).
@@ -107,18 +84,11 @@ class CompressedViTMixin(TokensMixin):
         x = self.head_drop(self.fc_norm(self.pool(x, size=size)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, *,
-                r: Schedule | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) -> logits; ``r`` runs this call alone at that degree."""
-        refuse_masks(attn_mask, is_causal)
-        x, state = self.forward_tokens(x, r)
-        self.last_state = state
-        return self.forward_head(x, size=state.size)
-
 
 class TimmViTAdapter(Adapter):
     family = "timm-vit"
     description = "timm VisionTransformer (ViT, DeiT + distilled, DeiT-3, CLIP, SigLIP, DINOv2, registers)"
+    mixin = CompressedViTMixin
     features = frozenset({"per_call", "dense"})
 
     def claims(self, model: nn.Module) -> bool:
@@ -126,13 +96,6 @@ class TimmViTAdapter(Adapter):
 
     def check(self, model: nn.Module) -> None:
         _check_supported(model)
-
-    def patch(self, model: nn.Module, config: CompressionConfig) -> None:
-        swap_class(model, CompressedViTMixin, _PATCHED_CLASSES)
-        init_state(model, config)
-
-    def unpatch(self, model: nn.Module) -> None:
-        restore_class(model)
 
     def dims(self, model: nn.Module) -> ViTDims:
         return timm_vit_dims(model)
