@@ -21,6 +21,8 @@ The contract, the hooks a family must provide:
       q/k norm, exactly where a folded delta acts. Per-call degrees on a plugin-carrying model
       and compensator distillation need it.
     - ``"dense"``: ``patch(model, mode="dense")`` (merge before each MLP, unmerge after).
+
+    Today: ``timm-vit`` has both, ``timm-eva`` and ``timm-beit`` have ``per_call``, ``hf-vit`` neither.
 ``claims(model) -> bool``
     cheap recognition (class, or for optional libraries the class's module name, so that the
     core never imports them); the first adapter that claims a model serves it.
@@ -29,10 +31,13 @@ The contract, the hooks a family must provide:
 ``patch(model, config)`` / ``unpatch(model)``
     swap classes (never weights) so that forwards reduce tokens, and undo it exactly. ``patch``
     gives the model its state with :func:`tocom.models.state.init_state` (config, degree 0, the
-    state lock); ``model.r`` (from :class:`tocom.models.state.CompressedMixin`) switches the degree
-    under the lock, and every forward holds the lock's shared side while it reads degree and
-    weights. Per-forward state (sizes, source, schedule) is created inside the forward and passed
-    along explicitly. ``unpatch`` is only called after the plugin hooks detached a plugin.
+    state lock). A family whose forwards live in the model's own class only sets ``mixin`` (the
+    defaults mix it into the class and take it out again); one whose layer loop lives in a
+    submodule (Hugging Face) overrides both and shares the model's lock with that submodule.
+    ``model.r`` (from :class:`tocom.models.state.CompressedMixin`) switches the degree under the
+    lock, and every forward holds the lock's shared side while it reads degree and weights.
+    Per-forward state (sizes, source, schedule) is created inside the forward and passed along
+    explicitly. ``unpatch`` is only called after the plugin hooks detached a plugin.
 ``reconfigure(model, config)``
     a patched model takes new options (called under the exclusive lock).
 ``dims(model) -> ViTDims``
