@@ -22,7 +22,8 @@ from tocom.models.state import PluginHooks, plugin_hooks, set_plugin_hooks, stat
 from tocom.models.vit import SUPPORTED
 
 __all__ = [
-    "COMPRESSION_METHODS", "SUPPORTED", "Adapter", "CompressionConfig", "PluginHooks", "Projection", "QVDelta", "QVProjections",
-    "StateLock", "TokenState", "adapter_for", "dims_of", "family_of", "is_patched", "patch", "plugin_hooks",
-    "require_feature", "schedule_report", "set_plugin_hooks", "state_lock", "supported_families", "unpatch",
+    "COMPRESSION_METHODS", "SUPPORTED", "Adapter", "CompressionConfig", "PluginHooks", "Projection",
+    "QVDelta", "QVProjections", "StateLock", "TokenState", "adapter_for", "dims_of", "family_of",
+    "is_patched", "patch", "plugin_hooks", "require_feature", "schedule_report", "set_plugin_hooks",
+    "state_lock", "supported_families", "unpatch",
 ]
