@@ -49,8 +49,8 @@ class ElasticModel:
             resolve_schedule(d, dims.depth)
         self.gflops = {d: gflops(dims, clamp_schedule(resolve_schedule(d, dims.depth), dims.num_tokens,
                                                       dims.num_prefix)) for d in self.degrees}
-        # TODO(refactor): one lock per replica until tocom.compensator offers an atomic switch
-        # context; every switch and every forward go through it.
+        # The model's own state lock makes each switch atomic; this one pairs a switch with the
+        # forward that follows it, so no other thread can move the degree in between.
         self._lock = threading.Lock()
         self._degree = -1
         self.switch(self.degrees[0])
