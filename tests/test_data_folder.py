@@ -75,3 +75,26 @@ def test_image_files_none_found(tmp_path):
     (tmp_path / "labels.txt").write_text("a 1\n")
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFiles(tmp_path)
+
+
+def test_decode_once_gives_the_same_items_as_decoding_each_time(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from tocom.data import ImageFiles
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    augment = T.Compose([T.RandomResizedCrop(16), T.ToTensor()])
+    lazy, cached = ImageFiles(tmp_path, augment), ImageFiles(tmp_path, augment, decode_once=True)
+    assert cached.decoded is not None and len(cached.decoded) == 3
+    for i in range(3):
+        torch.manual_seed(i)
+        a = lazy[i][0]
+        torch.manual_seed(i)
+        assert torch.equal(a, cached[i][0])  # same pixels, same augmentation draw
+    (tmp_path / "0.png").unlink()  # the cached copy no longer reads the disk
+    assert cached[0][0].shape == (3, 16, 16)

@@ -65,7 +65,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         loss=args.loss, preset=args.preset, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, out=args.out, run_dir=args.run_dir, resume=args.resume,
         num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
-        mode=args.mode)
+        mode=args.mode, decode_once=args.decode_once)
     from tocom.train import distributed
 
     if distributed.rank() == 0:
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="absolute lr (default from the preset)")
     p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--decode-once", action="store_true",
+                   help="keep the decoded images in memory (small folders; when decoding bounds a GPU)")
     _add_run_args(p, "compensator.tocom.safetensors")
     p.set_defaults(func=cmd_distill)
 

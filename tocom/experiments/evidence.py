@@ -171,7 +171,8 @@ class Evidence:
                 MODEL, train, checkpoint=str(self.weights), steps=self.p.plugin_steps,
                 batch_size=self.p.plugin_batch, lr=self.p.plugin_lr, out=out, run_dir=run_dir,
                 resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers, device=self.device,
-                seed=seed, progress=self.progress, holdout=held, eval_every=self.p.plugin_eval_every)
+                seed=seed, progress=self.progress, holdout=held, eval_every=self.p.plugin_eval_every,
+                decode_once=True)  # 900 small images: decoding them every epoch bounded a GPU run
             _write_json(Path(str(out) + ".json"), summary)
 
     def run_models(self) -> None:
