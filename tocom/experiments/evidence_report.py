@@ -28,11 +28,7 @@ from tocom.experiments.evidence import Evidence
 from tocom.report.compare import comparison_table
 from tocom.report.provenance import provenance
 from tocom.report.records import Records, write_records
-from tocom.report.stats import PairedDifference, pooled_difference
-
-
-def _correct(row: dict) -> np.ndarray:
-    return np.asarray(row["predictions"]) == np.asarray(row["labels"])
+from tocom.report.stats import PairedDifference, correctness, pooled_difference
 
 
 def _test_row(record: dict, plugin_seed: str, target: int, scale: float | None) -> dict:
@@ -62,7 +58,8 @@ class Analysis:
             for plugin_seed in map(str, plugin_seeds):
                 scale = {"without": None, "fixed": self.p.fixed_scale,
                          "selected": record["plugins"][plugin_seed]["selected"].get(str(target))}[kind]
-                rows.append(_correct(_test_row(record, plugin_seed, target, scale)))
+                row = _test_row(record, plugin_seed, target, scale)
+                rows.append(correctness(row["predictions"], row["labels"], record["model"]))
         return np.stack(rows)
 
     def gain(self, source: int, target: int, kind: str = "selected") -> PairedDifference:
