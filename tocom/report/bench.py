@@ -40,23 +40,33 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _nothing() -> None:
+    return None
+
+
 def time_interleaved(runners: dict[str, Callable[[], object]], device: torch.device, rounds: int = 5,
                      warmup: int = 1, progress: bool = True,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                     clock: Callable[[], float] = time.perf_counter,
+                     prepare: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
     """Median seconds per call of each runner, calling them round-robin ``rounds`` times.
 
     The order rotates every round, so each runner takes each position equally often (with rounds
     a multiple of the runner count) and no position bias (caches, clock boost) favours anyone.
     ``clock`` may be ``time.thread_time`` for single-threaded CPU runs on a shared machine.
+    ``prepare[name]``, when given, runs untimed before each call of that runner (e.g. switching a
+    shared model to the runner's degree).
     """
-    for fn in runners.values():
+    prepare = prepare or {}
+    for name, fn in runners.items():
         for _ in range(warmup):
+            prepare.get(name, _nothing)()
             fn()
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners.items())
     for i in tqdm(range(rounds), desc="bench rounds", disable=not progress, leave=False):
         shift = i % len(order)
         for name, fn in order[shift:] + order[:shift]:
+            prepare.get(name, _nothing)()
             sync_device(device)
             start = clock()
             fn()

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from torch import nn
 from tocom.atomic import atomic_write
 from tocom.compress.schedule import clamp_schedule, resolve_schedule
 from tocom.models import dims_of, is_patched, patch
+from tocom.report.bench import time_interleaved
 from tocom.serve.controller import LatencyTable
 
 DEFAULT_DEGREES = (0, 4, 8, 12, 16)
@@ -91,29 +91,21 @@ def measure(model: nn.Module, degrees: Sequence[int], batch_sizes: Sequence[int]
             set_degree: Callable[[int], None] | None = None, rounds: int = 3) -> LatencyTable:
     """Median ms of a forward of random ``(B, C, H, W)`` images at each degree and batch size.
 
-    Degrees are interleaved within each round, so slow drifts of a shared machine hit all alike.
+    Degrees are interleaved, in an order that rotates every round
+    (:func:`tocom.report.bench.time_interleaved`), so slow drifts of a shared machine hit all alike.
     ``set_degree`` switches the model (default: ``model.r = degree``; the model must be patched).
     """
     set_degree = set_degree or (lambda d: setattr(model, "r", d))
     param = next(model.parameters())
-    times: dict[int, dict[int, list[float]]] = {d: {b: [] for b in batch_sizes} for d in degrees}
+    times: dict[int, dict[int, float]] = {d: {} for d in degrees}
     for b in batch_sizes:
         x = torch.randn(b, *_input_shape(model), device=param.device, dtype=param.dtype)
-        for d in degrees:  # warm-up: allocator, kernels, lazily built buffers
-            set_degree(d)
-            model(x)
-        for _ in range(rounds):
-            for d in degrees:
-                set_degree(d)
-                if param.device.type == "cuda":
-                    torch.cuda.synchronize(param.device)
-                t = time.perf_counter()
-                model(x)
-                if param.device.type == "cuda":
-                    torch.cuda.synchronize(param.device)
-                times[d][b].append((time.perf_counter() - t) * 1000)
-    return LatencyTable({d: {b: round(statistics.median(ts), 3) for b, ts in row.items()}
-                         for d, row in times.items()})
+        # the switch runs untimed before each forward; the warm-up builds allocator state and kernels
+        seconds = time_interleaved({d: (lambda x=x: model(x)) for d in degrees}, param.device, rounds=rounds,
+                                   progress=False, prepare={d: (lambda d=d: set_degree(d)) for d in degrees})
+        for d in degrees:
+            times[d][b] = seconds[d] * 1000
+    return LatencyTable({d: {b: round(ms, 3) for b, ms in row.items()} for d, row in times.items()})
 
 
 def calibrate(model: nn.Module, degrees: Sequence[int] = DEFAULT_DEGREES, max_batch: int = 16, *,
