@@ -13,10 +13,7 @@ import torch
 from torch import nn
 
 from tocom.compensator import Compensator, attach, set_degree
-from tocom.compress import resolve_schedule
-from tocom.compress.flops import gflops
-from tocom.compress.schedule import clamp_schedule
-from tocom.models import dims_of, is_patched, patch
+from tocom.models import is_patched, patch, schedule_report
 
 
 class ElasticModel:
@@ -44,11 +41,8 @@ class ElasticModel:
             attach(model, plugin, source=source, scale=scale)
         elif not is_patched(model):
             patch(model, "tome")
-        dims = dims_of(model)
-        for d in self.degrees:
-            resolve_schedule(d, dims.depth)
-        self.gflops = {d: gflops(dims, clamp_schedule(resolve_schedule(d, dims.depth), dims.num_tokens,
-                                                      dims.num_prefix)) for d in self.degrees}
+        # the model's own cost report: clamping, and dense mode's full-length attention, included
+        self.gflops = {d: schedule_report(model, d)["gflops"] for d in self.degrees}
         # The model's own state lock makes each switch atomic; this one pairs a switch with the
         # forward that follows it, so no other thread can move the degree in between.
         self._lock = threading.Lock()
