@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tocom.compress import gflops, resolve_schedule, tokens_per_layer
-from tocom.models import dims_of, patch
+from tocom.compress import resolve_schedule
+from tocom.models import dims_of, patch, schedule_report
 
 
 @dataclass
@@ -121,6 +121,6 @@ def bench(model: nn.Module, schedules: Sequence, method: str = "tome", batch_siz
     rows = []
     for name, (r_label, meth, schedule) in labels.items():
         ips = batch_size / seconds[name]
-        tokens = tokens_per_layer(schedule, dims.num_tokens, dims.num_prefix)[-1]
-        rows.append(BenchRow(r_label, meth, ips, ips / base, gflops(dims, schedule), tokens))
+        cost = schedule_report(patched, schedule)  # the model's own cost report (clamping, mode)
+        rows.append(BenchRow(r_label, meth, ips, ips / base, cost["gflops"], cost["tokens"][-1]))
     return rows
