@@ -60,3 +60,31 @@ def test_records_hold_one_row_per_configuration(analysis):
     assert records.pred.shape == (len(P.sources) * len(P.targets) * 2, N)
     selected = records.find({"source": 0, "target": 16, "selected": True})
     assert len(selected) == 1 and records.correct(selected[0]).mean() == pytest.approx(0.7)
+
+
+def test_shards_split_every_stage_into_disjoint_parts_that_cover_it(tmp_path):
+    from tocom.data import shared_dir
+    from tocom.experiments.evidence import Evidence
+
+    if not (shared_dir() / "weights").is_dir():
+        pytest.skip("needs ../shared (the evidence run's real weights)")
+    units = [(t, s, seed) for seed in (0, 1, 2) for t in ("a", "b") for s in (0, 16)]
+    parts = []
+    for i in range(3):
+        ev = Evidence(tmp_path, "smoke", progress=False, shard=(i, 3))
+        parts.append(list(ev._todo("finetune", units, lambda u: tmp_path / "missing")))
+    assert sorted(u for part in parts for u in part) == sorted(units)
+    assert all(len(part) == 4 for part in parts)
+    with pytest.raises(ValueError, match="shard"):
+        Evidence(tmp_path, "smoke", shard=(3, 3))
+
+
+def test_shard_option_is_checked():
+    import argparse
+
+    from tocom.cli import _shard
+
+    assert _shard("1/3") == (1, 3)
+    for bad in ("3/3", "1", "a/b", "0/0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="shard"):
+            _shard(bad)

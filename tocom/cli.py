@@ -164,7 +164,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         from tocom.experiments.evidence import STAGES, run_evidence
 
         path = run_evidence(args.work or "runs/evidence", args.out, args.protocol,
-                            tuple(args.stage) if args.stage else STAGES, args.device, args.workers)
+                            tuple(args.stage) if args.stage else STAGES, args.device, args.workers,
+                            shard=args.shard)
         if path is not None:
             print(f"wrote {path}")
         return
@@ -172,6 +173,17 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         raise ValueError("'all' runs the evidence stages on its own; pass it alone")
     for name in args.name:
         print(f"wrote {run_experiment(name, args.out, args.budget, args.work or 'runs/experiments')}")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` as a pair, checked."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N, such as 0/3; got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,10 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all: the evidence run (plugins, finetune, predict, analyze), resumable by stage")
     p.add_argument("--budget", choices=["small", "smoke"], default="small")
     p.add_argument("--protocol", choices=["paper-mini", "smoke"], default="paper-mini", help="for all")
-    p.add_argument("--stage", nargs="+", choices=["plugins", "finetune", "predict", "analyze"],
+    p.add_argument("--stage", nargs="+", choices=["data", "plugins", "finetune", "predict", "analyze"],
                    help="for all: only these stages (default: every stage, in order)")
     p.add_argument("--device", help="for all: cuda or cpu (default: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="for all: data loader workers")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="for all: this process runs every N-th unit from the I-th (0-based); start N "
+                        "processes, then analyze alone")
     p.add_argument("--out", default="docs/results", help="where results files go")
     p.add_argument("--work", help="cache of models, plugins and evaluations "
                                   "(default: runs/experiments, runs/evidence for all)")

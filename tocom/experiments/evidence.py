@@ -1,9 +1,11 @@
 """The plugin's effect under the ToCom VTAB protocol, with seeds, per-image records and paired statistics.
 
-``tocom experiment all`` runs four stages in order; each skips the units it finds finished, so a
+``tocom experiment all`` runs five stages in order; each skips the units it finds finished, so a
 killed run resumes where it stopped (a fine-tune or a distillation also resumes mid-run from its
 own checkpoint):
 
+0. ``data``: the generated tasks and the distillation split written once (so that processes
+   started side by side never write them at the same time);
 1. ``plugins``: the standard plugin distilled once per plugin seed on the ImageNet sample (minus a
    held-out tenth, on which the loss of each degree pair is recorded along training);
 2. ``finetune``: AdaptFormer on the frozen DeiT-Tiny backbone (the weights the plugin was
@@ -15,7 +17,9 @@ own checkpoint):
    and exact McNemar tests, written to ``docs/results/evidence.{json,md}`` with the predictions.
 
 Units are keyed by content: a model's key hashes the task data, the backbone weights and the
-recipe, so changing any of them makes a new unit instead of reusing a stale one.
+recipe, so changing any of them makes a new unit instead of reusing a stale one. ``shard=(i, n)``
+gives a process every n-th unit of each stage from the i-th: n processes on one accelerator, where
+a small model alone leaves it idle between kernel launches.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from tocom.atomic import atomic_write
@@ -40,10 +44,10 @@ from tocom.jobs.distill import run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, select_scales, sweep
 from tocom.jobs.finetune import run_finetune
 from tocom.models import patch
-from tocom.report.provenance import content_hash
+from tocom.report.provenance import content_hash, provenance
 
 MODEL = "deit_tiny_patch16_224"
-STAGES = ("plugins", "finetune", "predict", "analyze")
+STAGES = ("data", "plugins", "finetune", "predict", "analyze")
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,12 @@ class Evidence:
     """Paths, content keys and the units of each stage."""
 
     def __init__(self, work: str | Path = "runs/evidence", protocol: str = "paper-mini",
-                 device: str | None = None, num_workers: int = 0, progress: bool = True):
+                 device: str | None = None, num_workers: int = 0, progress: bool = True,
+                 shard: tuple[int, int] = (0, 1)):
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
+        if not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
         self.name, self.p = protocol, PROTOCOLS[protocol]
         self.shared = shared_dir()
         self.weights = self.shared / "weights" / f"{MODEL}.safetensors"
@@ -100,7 +107,11 @@ class Evidence:
                                     f"{self.weights} is missing (set TOCOM_SHARED)")
         self.work = Path(work) / protocol
         self.device, self.num_workers, self.progress = device, num_workers, progress
+        self.shard = shard
         self._digests: dict[str, str] = {}
+        # Decoded, preprocessed evaluation images per (task, split): every model of a task reads the
+        # same images with the same preprocessing, so the predict stage decodes each split once.
+        self._images: dict[tuple[str, str, str], TensorDataset] = {}
 
     # ----- inputs -------------------------------------------------------------------------
     def task_dir(self, task: str) -> Path:
@@ -162,6 +173,11 @@ class Evidence:
                     yield task, source, seed
 
     # ----- stages -------------------------------------------------------------------------
+    def run_data(self) -> None:
+        for task in self.p.tasks:
+            self.task_dir(task)
+        self.distill_split()
+
     def run_plugins(self) -> None:
         train, held = self.distill_split()
         for seed in self._todo("plugins", self.p.plugin_seeds, lambda s: self.plugin_path(s)):
@@ -206,7 +222,10 @@ class Evidence:
         recipe = json.loads(checkpoint_metadata(model_file).get("recipe", "{}"))
         record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
                   "model_sha256": self.digest(model_file), "val_acc": recipe.get("val_acc"),
-                  "curve": recipe.get("curve"), "plugins": {}}
+                  "curve": recipe.get("curve"), "plugins": {},
+                  # where the unit ran: the analysis may run elsewhere, from these records alone
+                  "ran_on": {**provenance(self.device or _default_device()),
+                             "tf32": torch.backends.cuda.matmul.allow_tf32}}
         for plugin_seed in self.p.plugin_seeds:
             plugin_file = self.plugin_path(plugin_seed)
             plugin = Compensator.load(plugin_file)
@@ -222,18 +241,31 @@ class Evidence:
     def _sweep(self, model_file: Path, task: str, split: str, source: int, plugin: Compensator,
                scales) -> list[EvalRow]:
         model = patch(load_model(MODEL, model_file))
-        data = load_dataset(self.task_dir(task), split, eval_transform_for(model_file, model))
-        if split == "test" and self.p.test_images and len(data) > self.p.test_images:
-            data = Subset(data, range(self.p.test_images))
-        return sweep(model, make_loader(data, self.p.eval_batch, self.num_workers), list(self.p.targets),
+        data = self._eval_images(task, split, eval_transform_for(model_file, model))
+        # decoded tensors already: loader workers would only copy them through shared memory
+        return sweep(model, make_loader(data, self.p.eval_batch), list(self.p.targets),
                      source, plugin, scales, device=self.device or _default_device(), split=split,
                      progress=self.progress, keep_predictions=True)
 
+    def _eval_images(self, task: str, split: str, transform) -> TensorDataset:
+        """The split's images through ``transform``, decoded on first use and kept."""
+        key = (task, split, repr(transform))
+        if key not in self._images:
+            data = load_dataset(self.task_dir(task), split, transform)
+            if split == "test" and self.p.test_images and len(data) > self.p.test_images:
+                data = Subset(data, range(self.p.test_images))
+            loader = make_loader(data, self.p.eval_batch, self.num_workers)
+            images, labels = zip(*loader)
+            self._images[key] = TensorDataset(torch.cat(images), torch.cat(labels))
+        return self._images[key]
+
     def _todo(self, stage: str, units, path_of: Callable) -> Iterator:
-        """The units whose output is missing, with progress and an ETA across them."""
-        units = list(units)
+        """This shard's units whose output is missing, with progress and an ETA across them."""
+        i, n = self.shard
+        units = list(units)[i::n]
         todo = [u for u in units if not path_of(u).is_file()]
-        print(f"[{stage}] {len(units) - len(todo)} of {len(units)} units done; {len(todo)} to run")
+        where = f" (shard {i}/{n})" if n > 1 else ""
+        print(f"[{stage}]{where} {len(units) - len(todo)} of {len(units)} units done; {len(todo)} to run")
         start = time.time()
         for i, unit in enumerate(tqdm(todo, desc=stage, disable=not self.progress)):
             yield unit
@@ -277,13 +309,21 @@ def _default_device() -> str:
 
 def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/results",
                  protocol: str = "paper-mini", stages: tuple[str, ...] = STAGES, device: str | None = None,
-                 num_workers: int = 0, progress: bool = True) -> Path | None:
+                 num_workers: int = 0, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> Path | None:
     """Run ``stages`` in order (each resumes its finished units); returns the results file when
-    ``analyze`` ran."""
+    ``analyze`` ran.
+
+    On CUDA, float32 matrix products use TensorFloat-32 (the provenance records it): 10 bits of
+    mantissa in the products, accumulation in float32, several times the speed on recent GPUs.
+    """
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
-    ev = Evidence(work, protocol, device, num_workers, progress)
+    if shard[1] > 1 and "analyze" in stages:
+        raise ValueError("analyze reads every shard's units: run it alone, after the shards finish")
+    if (device or _default_device()).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ev = Evidence(work, protocol, device, num_workers, progress, shard)
     together = {"finetune", "predict"} <= set(stages)
     for stage in STAGES:
         if stage not in stages or (together and stage == "predict"):

@@ -151,7 +151,8 @@ def analyze(ev: Evidence, out: Path) -> dict:
         summary = Path(str(ev.plugin_path(seed)) + ".json")
         curves["plugins"][f"seed{seed}"] = json.loads(summary.read_text()).get("holdout_curve")
     results = {
-        "experiment": "evidence", "provenance": {**provenance(ev.device), **ev.provenance()},
+        "experiment": "evidence", "provenance": {**provenance(ev.device), **ev.provenance(),
+                                                 "units_ran_on": _distinct(r.get("ran_on") for r in records)},
         "endpoints": {k: v.as_dict() for k, v in endpoints.items()},
         "gap_closed": closure,
         "pyra_vs_tome_lora_high": "not run in this stage",
@@ -167,6 +168,15 @@ def analyze(ev: Evidence, out: Path) -> dict:
     (out / "evidence.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "evidence.md").write_text(render(endpoints, closure, pairs, an.p, ev.p))
     return results
+
+
+def _distinct(items) -> list:
+    """The distinct non-None items, in first-seen order (dicts compared by value)."""
+    seen: dict[str, object] = {}
+    for item in items:
+        if item is not None:
+            seen.setdefault(json.dumps(item, sort_keys=True, default=str), item)
+    return list(seen.values())
 
 
 def render(endpoints: dict[str, PairedDifference], closure: dict, pairs: list[dict], p, declared) -> str:
