@@ -209,3 +209,14 @@ def test_holdout_curve_starts_at_the_loss_of_compression_alone(tmp_path):
     kl = torch.nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True).item()
     assert curve[0]["loss_0_to_4"] == pytest.approx(kl, rel=1e-4)
     assert curve[-1]["loss_0_to_4"] != curve[0]["loss_0_to_4"]  # the trained plugin changed it
+
+
+def test_distill_cli_records_the_holdout_curve_at_pairs_that_fit_max_r(tmp_path):
+    ckpt, images = tiny_checkpoint(tmp_path), image_folder(tmp_path, n=6)
+    out = tmp_path / "p.tocom.safetensors"
+    run_cli("distill", "vit_tiny_patch16_224", "--checkpoint", ckpt, "--data", images, "--max-r", "4",
+            "--steps", "2", "--batch-size", "4", "--workers", "0", "--holdout", images, "--eval-every", "1",
+            "--out", out)
+    curve = Compensator.load(out).spec.recipe["holdout_curve"]
+    assert [point["step"] for point in curve] == [0, 1, 2]
+    assert set(curve[0]) == {"step", "loss_0_to_4", "loss_4_to_0", "loss_0_to_2", "loss_2_to_4"}

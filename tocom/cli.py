@@ -65,7 +65,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         loss=args.loss, preset=args.preset, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, out=args.out, run_dir=args.run_dir, resume=args.resume,
         num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
-        mode=args.mode, decode_once=args.decode_once)
+        mode=args.mode, decode_once=args.decode_once, holdout=args.holdout, eval_every=args.eval_every)
     from tocom.train import distributed
 
     if distributed.rank() == 0:
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--decode-once", action="store_true",
                    help="keep the decoded images in memory (small folders; when decoding bounds a GPU)")
+    p.add_argument("--holdout", help="a folder of images not in --data: the loss of each degree pair on "
+                                     "it is recorded before, every --eval-every steps and after training")
+    p.add_argument("--eval-every", type=int, default=0, help="with --holdout: steps between measurements")
     _add_run_args(p, "compensator.tocom.safetensors")
     p.set_defaults(func=cmd_distill)
 

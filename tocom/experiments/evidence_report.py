@@ -26,6 +26,7 @@ from scipy import stats as sps
 
 from tocom.experiments.evidence import Evidence
 from tocom.report.compare import comparison_table
+from tocom.report.plots import accuracy_plot
 from tocom.report.provenance import provenance
 from tocom.report.records import Records, write_records
 from tocom.report.stats import PairedDifference, correctness, pooled_difference
@@ -62,15 +63,21 @@ class Analysis:
                 rows.append(correctness(row["predictions"], row["labels"], record["model"]))
         return np.stack(rows)
 
-    def gain(self, source: int, target: int, kind: str = "selected") -> PairedDifference:
+    def gain(self, source: int, target: int, kind: str = "selected",
+             tasks: tuple[str, ...] | None = None) -> PairedDifference:
         return pooled_difference([(self._runs(t, source, target, "without"),
-                                   self._runs(t, source, target, kind)) for t in self.p.tasks])
+                                   self._runs(t, source, target, kind)) for t in tasks or self.p.tasks])
 
-    def gap(self, source: int, target: int) -> PairedDifference:
+    def accuracy(self, source: int, target: int, kind: str) -> float:
+        """Mean top-1 over tasks, seeds and images (tasks weighted by their test images)."""
+        cells = [self._runs(t, source, target, kind).ravel() for t in self.p.tasks]
+        return float(np.concatenate(cells).mean())
+
+    def gap(self, source: int, target: int, tasks: tuple[str, ...] | None = None) -> PairedDifference:
         """The model fine-tuned at ``target`` against the one fine-tuned at ``source``, both at ``target``."""
         return pooled_difference([(self._runs(t, source, target, "without", per_plugin=False),
                                    self._runs(t, target, target, "without", per_plugin=False))
-                                  for t in self.p.tasks])
+                                  for t in tasks or self.p.tasks])
 
     def closure(self, source: int, target: int) -> dict:
         """Fraction of the gap the plugin closes, with a paired percentile bootstrap over (run, image) cells.
@@ -138,7 +145,11 @@ def analyze(ev: Evidence, out: Path) -> dict:
                 d = an.gain(source, target, kind)
                 pairs.append({"source": source, "target": target, "scale": kind, **d.as_dict(),
                               "significant_loss": d.ci_high < 0})
+    per_task = [{"task": task, "source": s, "target": t, **an.gain(s, t, tasks=(task,)).as_dict(),
+                 "gap": an.gap(s, t, tasks=(task,)).as_dict()}
+                for task in ev.p.tasks for s, t in ((lo, hi), (hi, lo))]
     out.mkdir(parents=True, exist_ok=True)
+    _plots(an, ev, out)
     files = []
     for task in ev.p.tasks:
         path = out / f"evidence-{task}.predictions.npz"
@@ -158,7 +169,7 @@ def analyze(ev: Evidence, out: Path) -> dict:
         "pyra_vs_tome_lora_high": "not run in this stage",
         "finetune_seeds_analysed": list(seeds),
         "complete": tuple(seeds) == tuple(ev.p.finetune_seeds),
-        "pairs": pairs, "curves": curves, "predictions": files,
+        "pairs": pairs, "per_task": per_task, "curves": curves, "predictions": files,
         "comparisons": [
             {"name": f"plugin at {s}->{t} (selected scale)",
              "a": {"source": s, "target": t, "plugin_seed": None},
@@ -166,8 +177,30 @@ def analyze(ev: Evidence, out: Path) -> dict:
             for s, t in ((lo, hi), (hi, lo))],
     }
     (out / "evidence.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "evidence.md").write_text(render(endpoints, closure, pairs, an.p, ev.p))
+    (out / "evidence.md").write_text(render(endpoints, closure, pairs, an.p, ev.p, per_task))
     return results
+
+
+def _plots(an: Analysis, ev: Evidence, out: Path) -> None:
+    """``evidence.png``: pooled accuracy against the target degree, per source, with and without the
+    plugin; ``evidence-holdout.png``: each plugin's held-out distillation loss per degree pair."""
+    curves = {}
+    for source in ev.p.sources:
+        for kind, label in (("without", "no plugin"), ("selected", "plugin, s on val")):
+            curves[f"fine-tuned at {source}, {label}"] = [(t, an.accuracy(source, t, kind))
+                                                          for t in ev.p.targets]
+    accuracy_plot(curves, out / "evidence.png", "pooled over tasks and seeds (DeiT-Tiny, AdaptFormer)")
+    losses = {}
+    for seed in ev.p.plugin_seeds:
+        summary = json.loads(Path(str(ev.plugin_path(seed)) + ".json").read_text())
+        for point in summary.get("holdout_curve") or []:
+            for key, value in point.items():
+                if key.startswith("loss_"):
+                    pair = key[len("loss_"):].replace("_to_", "->")
+                    losses.setdefault(f"{pair}, seed {seed}", []).append((point["step"], value))
+    if losses:
+        accuracy_plot(losses, out / "evidence-holdout.png", "plugin distillation loss on held-out images",
+                      xlabel="distillation step", ylabel="KL(teacher at src || student at tgt)")
 
 
 def _distinct(items) -> list:
@@ -179,7 +212,8 @@ def _distinct(items) -> list:
     return list(seen.values())
 
 
-def render(endpoints: dict[str, PairedDifference], closure: dict, pairs: list[dict], p, declared) -> str:
+def render(endpoints: dict[str, PairedDifference], closure: dict, pairs: list[dict], p, declared,
+           per_task: list[dict] = ()) -> str:
     """Markdown of the results; ``p`` is the protocol as analysed, ``declared`` as planned."""
     partial = ([f"**Partial run**: {len(p.finetune_seeds)} of the {len(declared.finetune_seeds)} declared "
                 "fine-tuning seeds finished; the rest is not analysed.", ""]
@@ -213,4 +247,17 @@ def render(endpoints: dict[str, PairedDifference], closure: dict, pairs: list[di
                      f"{100 * row['difference']:+.2f} "
                      f"[{100 * row['ci_low']:+.2f}, {100 * row['ci_high']:+.2f}] | "
                      f"{'yes' if row['significant_loss'] else 'no'} |")
+    if per_task:
+        lines += ["", "## Subgroups (secondary): per task, scale picked on val", "",
+                  "| task | source -> target | without (%) | with (%) | gain (points) [95% CI] "
+                  "| matched-degree model (%) | mismatch gap (points) [95% CI] |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['task']} | {row['source']} -> {row['target']} | {100 * row['accuracy_a']:.1f} | "
+                  f"{100 * row['accuracy_b']:.1f} | {100 * row['difference']:+.2f} "
+                  f"[{100 * row['ci_low']:+.2f}, {100 * row['ci_high']:+.2f}] | "
+                  f"{100 * row['gap']['accuracy_b']:.1f} | {100 * row['gap']['difference']:+.2f} "
+                  f"[{100 * row['gap']['ci_low']:+.2f}, {100 * row['gap']['ci_high']:+.2f}] |"
+                  for row in per_task]
+    lines += ["", "![accuracy against the target degree](evidence.png)", "",
+              "![held-out distillation loss](evidence-holdout.png)"]
     return "\n".join(lines) + "\n"

@@ -76,15 +76,17 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
                 run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
                 checkpoint_every: int = 50, device: str | None = None, seed: int = 0,
                 progress: bool = True, holdout: str | Path | None = None, mode: str = "standard",
-                holdout_pairs: Sequence[tuple[int, int]] = ((0, 16), (16, 0), (0, 8), (8, 16)),
+                holdout_pairs: Sequence[tuple[int, int]] | None = None,
                 eval_every: int = 0, decode_once: bool = False) -> tuple[Compensator, dict]:
     """Distil a plugin and write it to ``out``; returns it and a summary of the run.
 
     With ``holdout`` (a folder of images not in ``data``), the distillation loss of each
     ``holdout_pairs`` (src, tgt) is measured on it before training (the plugin's delta is zero
     then: the loss of compression alone), every ``eval_every`` steps and at the end; the summary's
-    ``holdout_curve`` lists them. ``decode_once`` keeps the decoded training images in memory
-    (see :class:`tocom.data.ImageFiles`), for small folders on a fast accelerator.
+    ``holdout_curve`` lists them. The default pairs are (0, m), (m, 0), (0, m/2) and (m/2, m) for
+    ``max_r`` m: (0, 16), (16, 0), (0, 8) and (8, 16) for the usual 16. ``decode_once`` keeps the
+    decoded training images in memory (see :class:`tocom.data.ImageFiles`), for small folders on a
+    fast accelerator.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -109,6 +111,8 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
     hook = None
     if holdout is not None:
+        half = max_r // 2
+        holdout_pairs = holdout_pairs or ((0, max_r), (max_r, 0), (0, half), (half, max_r))
         for pair in holdout_pairs:
             plugin.check_degree(max(pair))
         held = LabelledFiles(holdout, eval_transform(model))
