@@ -150,3 +150,14 @@ def test_measured_forwards_scale_the_predictions():
     for _ in range(50):
         ctl.observe(16, 8, 1e6)
     assert ctl.slowdown == 4.0  # one pathological stall cannot make predictions absurd
+
+
+def test_admission_refuses_what_the_fastest_degree_cannot_answer_in_time():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8)
+    assert ctl.fastest == 16  # 26 ms per batch of 8, 2 + 3 b ms for b images
+    assert ctl.admits(0)
+    # 29 held: the new request is the 6th of a 4th batch: 3 x 26 + (2 + 3 x 6) = 98 ms
+    assert ctl.admits(29)
+    assert not ctl.admits(30)  # 3 x 26 + (2 + 3 x 7) = 101 ms
+    ctl.slowdown = 2.0  # a machine running slower than calibrated admits fewer
+    assert ctl.admits(8) and not ctl.admits(15)  # 2 x (26 + 20) = 92; 2 x (26 + 26) = 104

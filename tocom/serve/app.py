@@ -6,7 +6,8 @@ Routes (relative to the application's route prefix):
   ``{"predictions": [{"index", "label", "probability"}...], "degree", "gflops", "batch_size",
   "queue_ms", "compute_ms", "total_ms"}``; 400 with the reason for undecodable bodies or a bad
   ``k``; 413 over the body limit; 503 with ``Retry-After`` when the replica already holds
-  ``max_ongoing`` requests.
+  ``max_ongoing`` requests, or when a request queued behind those it holds is predicted to miss
+  the SLO even at the fastest degree.
 * ``GET /healthz`` - ``{"status": "ok"}``.
 * ``GET /v1/info`` - model, plugin, degrees, SLO, the calibrated latency table, the degree now.
 
@@ -94,10 +95,12 @@ class TocomReplica:
         return b"".join(chunks)
 
     async def _classify(self, request: Request) -> Response:
-        if len(self._held) >= self.config.max_ongoing:
-            retry = self.service.controller.retry_after_s(len(self._held))
-            return _error(503, f"overloaded: this replica holds {len(self._held)} requests; retry later",
-                          **{"retry-after": str(retry)})
+        held, controller = len(self._held), self.service.controller
+        if held >= self.config.max_ongoing or not controller.admits(held):
+            reason = (f"this replica holds {held} requests" if held >= self.config.max_ongoing else
+                      f"behind the {held} requests held here it would miss the {self.config.slo_ms:g} ms SLO")
+            return _error(503, f"overloaded: {reason}; retry later",
+                          **{"retry-after": str(controller.retry_after_s(held))})
         arrival = time.perf_counter()
         rid = next(self._ids)
         self._held[rid] = arrival

@@ -11,6 +11,9 @@ see :mod:`tocom.serve.calibrate`) and the waits of the requests a replica holds:
 * the controller raises the degree at once when the current one does not fit, and lowers it only
   after ``patience`` consecutive batches in which a lower degree fits even ``hysteresis`` below
   the budget, so that it does not flap around a boundary;
+* a request is admitted only if, queued behind the ones held, it is predicted to finish within
+  the SLO at the fastest degree (:meth:`DegreeController.admits`): past the capacity of the most
+  compressed model the excess is refused at once (503) instead of being answered late;
 * forwards measured while serving (:meth:`DegreeController.observe`) scale every prediction by how
   much slower than calibrated the machine runs now (other load, thermal limits), so the table
   measured once at start-up stays honest.
@@ -154,8 +157,26 @@ class DegreeController:
         estimate = (1 - self.smoothing) * self.slowdown + self.smoothing * ratio
         self.slowdown = min(4.0, max(0.5, estimate))
 
+    @property
+    def fastest(self) -> int:
+        """The degree with the shortest full-batch forward."""
+        return min(self.table.degrees, key=lambda d: self.table.predict(d, self.max_batch))
+
+    def admits(self, held: int) -> bool:
+        """Whether a request arriving behind ``held`` others (FIFO) is predicted to be answered within
+        the SLO at the fastest degree.
+
+        Pessimistic for the batch already running (counted whole), and blind to time spent before
+        the replica (an HTTP proxy's queue): a refusal costs the client a retry, a late answer
+        costs it the SLO anyway.
+        """
+        elapsed = 0.0
+        for start in range(0, held + 1, self.max_batch):
+            elapsed += self.slowdown * self.table.predict(self.fastest, min(self.max_batch, held + 1 - start))
+        return elapsed <= self.slo_ms
+
     def retry_after_s(self, held: int) -> int:
         """Whole seconds until ``held`` requests drain at the fastest degree (at least 1)."""
-        fastest = min(self.table.degrees, key=lambda d: self.table.predict(d, self.max_batch))
         batches = math.ceil(held / self.max_batch)
-        return max(1, math.ceil(batches * self.slowdown * self.table.predict(fastest, self.max_batch) / 1000))
+        batch_ms = self.slowdown * self.table.predict(self.fastest, self.max_batch)
+        return max(1, math.ceil(batches * batch_ms / 1000))
