@@ -88,3 +88,18 @@ def test_shard_option_is_checked():
     for bad in ("3/3", "1", "a/b", "0/0"):
         with pytest.raises(argparse.ArgumentTypeError, match="shard"):
             _shard(bad)
+
+
+def test_gap_control_is_a_seeded_direction_of_equal_norm():
+    import torch
+
+    from tocom.experiments.suite import _random_like
+
+    delta = torch.randn(64, 32) * 0.01
+    a = _random_like(delta, torch.Generator().manual_seed(0))
+    b = _random_like(delta, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.dtype == delta.dtype
+    assert a.norm().item() == pytest.approx(delta.norm().item(), rel=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(a.flatten(), delta.flatten(), dim=0)
+    assert abs(cosine.item()) < 0.1  # random in 2048 dimensions: nearly orthogonal to the gap
+    assert torch.equal(_random_like(torch.zeros(3), torch.Generator()), torch.zeros(3))

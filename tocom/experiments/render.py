@@ -36,6 +36,8 @@ def render(name: str, results: dict) -> str:
                 "M0 at r=16": _pct(r["M0_at_16"]),
                 "M0 + gap at r=16": _pct(r["M0_plus_gap_at_16"]),
                 "change": _signed(r["gain"]),
+                "M0 + random, equal norm": _pct(r.get("M0_plus_random_at_16")),
+                "change (control)": _signed(r["random_gain"]) if "random_gain" in r else "-",
             }
             for r in results["rows"]
         ]

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from tocom.experiments.common import GENERATED, MODEL, Lab, write_results
 from tocom.experiments.segmentation import segmentation
 from tocom.finetuned import load_model
@@ -33,9 +35,20 @@ def mismatch(lab: Lab, out: Path) -> dict:
     return {"accuracy": results}
 
 
+def _random_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A Gaussian direction with the norm of ``delta`` (the control for a transferred gap)."""
+    direction = torch.randn(delta.shape, generator=generator, dtype=torch.float64)
+    return (direction * (delta.double().norm() / direction.norm().clamp_min(1e-12))).to(delta.dtype)
+
+
 def gap(lab: Lab, out: Path) -> dict:
-    """Paper Table 1: does (M16 - M0) of task A, added to M0 of task B, help B at r = 16?"""
+    """Paper Table 1: does (M16 - M0) of task A, added to M0 of task B, help B at r = 16?
+
+    Control: the same M0 of B moved by a random direction of equal norm, tensor by tensor, so a
+    change that any perturbation of that size would cause is not read as the gap's effect.
+    """
     table = []
+    generator = torch.Generator().manual_seed(0)
     for a in TASKS:
         for b in TASKS:
             if a == b:
@@ -50,8 +63,17 @@ def gap(lab: Lab, out: Path) -> dict:
             moved = lab.evaluate(
                 lab.finetuned(b, 0), b, [16], 0, weights=(f"M0[{b}] + M16[{a}] - M0[{a}]", transferred)
             )[0].accuracy
+            control = {
+                k: v + _random_like(m16a[k] - m0a[k], generator)
+                if not k.startswith("head") and v.is_floating_point() else v
+                for k, v in m0b.items()
+            }
+            shaken = lab.evaluate(
+                lab.finetuned(b, 0), b, [16], 0, weights=(f"M0[{b}] + random(|M16[{a}] - M0[{a}]|)", control)
+            )[0].accuracy
             table.append(
-                {"from": a, "to": b, "M0_at_16": plain, "M0_plus_gap_at_16": moved, "gain": moved - plain}
+                {"from": a, "to": b, "M0_at_16": plain, "M0_plus_gap_at_16": moved, "gain": moved - plain,
+                 "M0_plus_random_at_16": shaken, "random_gain": shaken - plain}
             )
     return {"rows": table}
 
