@@ -261,10 +261,10 @@ class Evidence:
 
     def _todo(self, stage: str, units, path_of: Callable) -> Iterator:
         """This shard's units whose output is missing, with progress and an ETA across them."""
-        i, n = self.shard
-        units = list(units)[i::n]
+        first, count = self.shard
+        units = list(units)[first::count]
         todo = [u for u in units if not path_of(u).is_file()]
-        where = f" (shard {i}/{n})" if n > 1 else ""
+        where = f" (shard {first}/{count})" if count > 1 else ""
         print(f"[{stage}]{where} {len(units) - len(todo)} of {len(units)} units done; {len(todo)} to run")
         start = time.time()
         for i, unit in enumerate(tqdm(todo, desc=stage, disable=not self.progress)):

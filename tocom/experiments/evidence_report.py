@@ -149,7 +149,6 @@ def analyze(ev: Evidence, out: Path) -> dict:
                  "gap": an.gap(s, t, tasks=(task,)).as_dict()}
                 for task in ev.p.tasks for s, t in ((lo, hi), (hi, lo))]
     out.mkdir(parents=True, exist_ok=True)
-    _plots(an, ev, out)
     files = []
     for task in ev.p.tasks:
         path = out / f"evidence-{task}.predictions.npz"
@@ -161,6 +160,7 @@ def analyze(ev: Evidence, out: Path) -> dict:
     for seed in ev.p.plugin_seeds:
         summary = Path(str(ev.plugin_path(seed)) + ".json")
         curves["plugins"][f"seed{seed}"] = json.loads(summary.read_text()).get("holdout_curve")
+    _plots(an, ev, curves["plugins"], out)
     results = {
         "experiment": "evidence", "provenance": {**provenance(ev.device), **ev.provenance(),
                                                  "units_ran_on": _distinct(r.get("ran_on") for r in records)},
@@ -181,9 +181,10 @@ def analyze(ev: Evidence, out: Path) -> dict:
     return results
 
 
-def _plots(an: Analysis, ev: Evidence, out: Path) -> None:
+def _plots(an: Analysis, ev: Evidence, holdout_curves: dict, out: Path) -> None:
     """``evidence.png``: pooled accuracy against the target degree, per source, with and without the
-    plugin; ``evidence-holdout.png``: each plugin's held-out distillation loss per degree pair."""
+    plugin; ``evidence-holdout.png``: each plugin's held-out distillation loss per degree pair
+    (``holdout_curves``: ``{"seed0": [{"step", "loss_0_to_16", ...}, ...]}``)."""
     curves = {}
     for source in ev.p.sources:
         for kind, label in (("without", "no plugin"), ("selected", "plugin, s on val")):
@@ -191,13 +192,12 @@ def _plots(an: Analysis, ev: Evidence, out: Path) -> None:
                                                           for t in ev.p.targets]
     accuracy_plot(curves, out / "evidence.png", "pooled over tasks and seeds (DeiT-Tiny, AdaptFormer)")
     losses = {}
-    for seed in ev.p.plugin_seeds:
-        summary = json.loads(Path(str(ev.plugin_path(seed)) + ".json").read_text())
-        for point in summary.get("holdout_curve") or []:
+    for seed, curve in holdout_curves.items():
+        for point in curve or []:
             for key, value in point.items():
                 if key.startswith("loss_"):
                     pair = key[len("loss_"):].replace("_to_", "->")
-                    losses.setdefault(f"{pair}, seed {seed}", []).append((point["step"], value))
+                    losses.setdefault(f"{pair}, {seed}", []).append((point["step"], value))
     if losses:
         accuracy_plot(losses, out / "evidence-holdout.png", "plugin distillation loss on held-out images",
                       xlabel="distillation step", ylabel="KL(teacher at src || student at tgt)")

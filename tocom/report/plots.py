@@ -19,9 +19,9 @@ def accuracy_plot(curves: Mapping[str, Sequence[tuple[int, float]]], out: str | 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    factor = 100 if ylabel is None else 1
     for label, points in curves.items():
         points = sorted(points)
-        factor = 100 if ylabel is None else 1
         ax.plot([p[0] for p in points], [factor * p[1] for p in points], marker="o", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or "top-1 accuracy (%)")

@@ -170,10 +170,9 @@ class DegreeController:
         the replica (an HTTP proxy's queue): a refusal costs the client a retry, a late answer
         costs it the SLO anyway.
         """
-        elapsed = 0.0
-        for start in range(0, held + 1, self.max_batch):
-            elapsed += self.slowdown * self.table.predict(self.fastest, min(self.max_batch, held + 1 - start))
-        return elapsed <= self.slo_ms
+        # The newcomer (waited 0) ends the FIFO queue, so the worst completion is its own.
+        waits = [0.0] * (held + 1)
+        return completion_ms(self.table, self.fastest, waits, self.max_batch, self.slowdown) <= self.slo_ms
 
     def retry_after_s(self, held: int) -> int:
         """Whole seconds until ``held`` requests drain at the fastest degree (at least 1)."""
