@@ -82,7 +82,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _, recipe = run_finetune(
         args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
         r=args.r, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        rank=args.rank, lora_targets=tuple(args.lora_targets), bottleneck=args.bottleneck,  # "qv" -> q, v
+        modulator_lr=args.modulator_lr, rank=args.rank,
+        lora_targets=tuple(args.lora_targets), bottleneck=args.bottleneck,  # "qv" -> q, v
         adapter_scale=args.adapter_scale, split_train=args.split_train, val_every=args.val_every,
         out=args.out, run_dir=args.run_dir, resume=args.resume, num_workers=args.workers,
         device=args.device, seed=args.seed, compression=args.compression)
@@ -94,6 +95,8 @@ def cmd_finetune_segmentation(args: argparse.Namespace) -> None:
     from tocom.jobs.segment import run_segment_finetune
     from tocom.train import distributed
 
+    if args.modulator_lr is not None:
+        raise ValueError("--modulator-lr sets the lr of PYRA's modulators; segmentation has no --method pyra")
     given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
              if v is not None}
     out = args.out if args.out != "finetuned.safetensors" else "segmenter.safetensors"
@@ -215,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--scale", type=float, default=0.1)
     p.add_argument("--variant", choices=["standard", "shared", "no_inversion"], default="standard")
-    p.add_argument("--loss", choices=["kd", "ce"], default="kd", help="ce needs DIR/labels.txt")
+    p.add_argument("--loss", choices=["kd", "feat", "ce"], default="kd",
+                   help="kd: KL on logits; feat: L1 on the features the head reads; ce needs DIR/labels.txt")
     p.add_argument("--preset", choices=["small", "paper"], default="small")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--epochs", type=int)
@@ -249,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--lr", type=float, help="absolute lr (default from the preset)")
+    p.add_argument("--modulator-lr", type=float,
+                   help="pyra: absolute peak lr of the PYRA modulators (W_r, W_D), on the same warm-up "
+                        "and cosine schedule (default: --lr)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (lora, pyra)")
     p.add_argument("--lora-targets", choices=["qkv", "qv"], default="qkv")
     p.add_argument("--bottleneck", type=int, default=32, help="AdaptFormer width")

@@ -4,7 +4,9 @@ Each step draws a pair ``src != tgt`` from 0..max_r. The teacher is the backbone
 (no grad, no delta); the student is the same backbone at ``tgt`` with delta(src -> tgt) added to
 q and v on the fly (a per-call ``qv_delta``: nothing is stored on the model between calls).
 Loss: KL(teacher || student) on soft targets, L1 on pooled features for a headless backbone, or
-(ablation) cross-entropy on labels.
+two ablations: ``feat``, L1 on the features the head reads even when there is a head (a downstream
+model replaces the head, so every feature direction may matter to it, not only those the ImageNet
+classifier weighs), and ``ce``, cross-entropy on labels.
 
 A plugin for dense mode (``plugin.spec.mode == "dense"``) is distilled with L1 on the per-token
 outputs of ``forward_tokens`` (every token, after the final norm), with or without a head. Dense
@@ -27,7 +29,7 @@ from tocom.compensator.bank import CompensatorBank
 from tocom.compensator.fit import check_mode
 from tocom.models import is_patched, patch, require_feature
 
-LOSSES = ("kd", "ce")
+LOSSES = ("kd", "feat", "ce")
 
 
 def sample_pair(max_r: int, rng: random.Random | None = None) -> tuple[int, int]:
@@ -80,11 +82,18 @@ class DistillObjective(nn.Module):
                 teacher, _ = self.model.forward_tokens(images, r=src)
             student, _ = self.model.forward_tokens(images, r=tgt, qv_delta=self.plugin.live_delta(src, tgt))
             return F.l1_loss(student.float(), teacher.float())  # (B, N, C): every token's features
+        features = self.loss_kind == "feat"
         with torch.no_grad():
-            teacher = self.model(images, r=src)
+            if features:
+                tokens, state = self.model.forward_tokens(images, r=src)
+                teacher = self.model.forward_head(tokens, pre_logits=True, size=state.size)
+            else:
+                teacher = self.model(images, r=src)
         tokens, state = self.model.forward_tokens(images, r=tgt, qv_delta=self.plugin.live_delta(src, tgt))
-        student = self.model.forward_head(tokens, size=state.size)
-        if self.loss_kind == "ce":
+        student = self.model.forward_head(tokens, pre_logits=features, size=state.size)
+        if features:
+            loss = F.l1_loss(student.float(), teacher.float())  # (B, C) pooled or class-token features
+        elif self.loss_kind == "ce":
             loss = F.cross_entropy(student, labels)
         elif self.headless:
             loss = F.l1_loss(student, teacher)

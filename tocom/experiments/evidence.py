@@ -1,6 +1,6 @@
 """The plugin's effect under the ToCom VTAB protocol, with seeds, per-image records and paired statistics.
 
-``tocom experiment all`` runs five stages in order; each skips the units it finds finished, so a
+``tocom experiment all`` runs its stages in order; each skips the units it finds finished, so a
 killed run resumes where it stopped (a fine-tune or a distillation also resumes mid-run from its
 own checkpoint):
 
@@ -10,10 +10,16 @@ own checkpoint):
    held-out tenth, on which the loss of each degree pair is recorded along training);
 2. ``finetune``: AdaptFormer on the frozen DeiT-Tiny backbone (the weights the plugin was
    distilled on), per task x source degree x fine-tuning seed, validation curve recorded;
-3. ``predict``: per fine-tuned model, per-image predictions on val200 (every scale of the grid, for
+3. ``variants``: the candidate-cause plugins (:data:`VARIANTS`: another objective, another
+   augmentation), distilled exactly as the standard one otherwise;
+4. ``predict``: per fine-tuned model, per-image predictions on val200 (every scale of the grid, for
    selection) and on the test set (no plugin, and each plugin at the scales selected on val and at
-   the fixed scale), at every target degree;
-4. ``analyze``: the pre-declared endpoints of ``docs/results/README.md`` with paired bootstrap CIs
+   the fixed scale), at every target degree; and a record per variant plugin at the endpoint's
+   target alone (the other source degree);
+5. ``pyra``: the PYRA endpoint: ToMe + LoRA and PYRA (one unit per modulator learning rate, the
+   rate then picked per task on val200) fine-tuned at the ``high`` schedule, per task x seed, with
+   their per-image test predictions;
+6. ``analyze``: the pre-declared endpoints of ``docs/results/README.md`` with paired bootstrap CIs
    and exact McNemar tests, written to ``docs/results/evidence.{json,md}`` with the predictions.
 
 Units are keyed by content: a model's key hashes the task data, the backbone weights and the
@@ -47,7 +53,11 @@ from tocom.models import patch
 from tocom.report.provenance import content_hash, provenance
 
 MODEL = "deit_tiny_patch16_224"
-STAGES = ("data", "plugins", "finetune", "predict", "analyze")
+STAGES = ("data", "plugins", "variants", "finetune", "predict", "pyra", "analyze")
+# Candidate causes of a plugin that closes too little of the gap, each a change of one distillation
+# setting (keyword arguments of run_distill): the objective (L1 on the features the head reads, not
+# KL on ImageNet logits) and the augmentation of the distillation images (DeiT's, not light).
+VARIANTS: dict[str, dict[str, str]] = {"feat": {"loss": "feat"}, "deit-aug": {"preset": "paper"}}
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,12 @@ class Protocol:
     generated_test: int = 2000
     test_images: int | None = None  # None: the whole test split
     eval_batch: int = 250
+    variants: tuple[str, ...] = ("feat", "deit-aug")
+    variant_seeds: tuple[int, ...] = (0,)  # paired with the standard plugin of the same seed
+    # PYRA endpoint: the PYRA paper's recipe at its ``high`` schedule, for this protocol's epochs and
+    # batch; the modulator's learning rate is picked per task on val200 from this grid.
+    pyra_schedule: str = "high"
+    pyra_modulator_lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 
 
 PROTOCOLS = {
@@ -81,7 +97,8 @@ PROTOCOLS = {
     # Seconds on a CPU: the whole pipeline on a sliver of everything (tests and a dry run).
     "smoke": Protocol(tasks=("cifar10", "count"), targets=(0, 16), finetune_seeds=(0,), plugin_seeds=(0,),
                       epochs=1, batch_size=32, plugin_steps=2, plugin_batch=8, plugin_eval_every=1,
-                      scales=(0.0, 0.1), generated_test=40, test_images=40, eval_batch=20),
+                      scales=(0.0, 0.1), generated_test=40, test_images=40, eval_batch=20,
+                      variants=("feat",), pyra_modulator_lrs=(1e-2,)),
 }
 
 
@@ -145,11 +162,14 @@ class Evidence:
         return train, held
 
     # ----- units --------------------------------------------------------------------------
-    def plugin_path(self, seed: int) -> Path:
+    def plugin_path(self, seed: int, variant: str = "standard") -> Path:
         p = self.p
-        key = _digest(self.digest(self.weights), self.digest(self.shared / "data/imagenet-sample"),
-                      p.plugin_steps, p.plugin_batch, p.plugin_lr, seed)
-        return self.work / "plugins" / f"seed{seed}-{key}.tocom.safetensors"
+        parts = [self.digest(self.weights), self.digest(self.shared / "data/imagenet-sample"),
+                 p.plugin_steps, p.plugin_batch, p.plugin_lr, seed]
+        if variant != "standard":  # the standard plugin keeps the key it had before variants existed
+            parts.append(VARIANTS[variant])
+        prefix = "" if variant == "standard" else f"{variant}-"
+        return self.work / "plugins" / f"{prefix}seed{seed}-{_digest(*parts)}.tocom.safetensors"
 
     def model_path(self, task: str, source: int, seed: int) -> Path:
         p = self.p
@@ -157,13 +177,44 @@ class Evidence:
                       p.epochs, p.batch_size, source, seed)
         return self.work / "models" / f"{task}_r{source}_seed{seed}-{key}.safetensors"
 
-    def predictions_path(self, model: Path) -> Path:
+    def predictions_path(self, model: Path, variant: str = "standard") -> Path:
         # Keyed by the keys of the model and plugins (content of everything they were made from), not
         # by their bytes: a GPU rerun makes other bytes, and the predictions travel without the model.
-        plugins = [self.plugin_path(s).name for s in self.p.plugin_seeds]
-        key = _digest(model.name, plugins, self.p.targets, self.p.scales, self.p.fixed_scale,
-                      self.p.test_images)
-        return self.work / "predictions" / f"{model.stem}-{key}.json"
+        if variant == "standard":
+            plugins = [self.plugin_path(s).name for s in self.p.plugin_seeds]
+            key = _digest(model.name, plugins, self.p.targets, self.p.scales, self.p.fixed_scale,
+                          self.p.test_images)
+            return self.work / "predictions" / f"{model.stem}-{key}.json"
+        # "reference": the standard plugin again, on the same models and target as the variants, so
+        # each variant is compared with it on identical models even where a rerun made new ones.
+        kind = "standard" if variant == "reference" else variant
+        plugins = [self.plugin_path(s, kind).name for s in self.p.variant_seeds]
+        key = _digest(model.name, plugins, self.p.scales, self.p.fixed_scale, self.p.test_images)
+        return self.work / "predictions" / "variants" / f"{model.stem}-{variant}-{key}.json"
+
+    def endpoint_target(self, source: int) -> int:
+        """The degree a model fine-tuned at ``source`` is moved to in the endpoints: the other source."""
+        return max(self.p.sources) if source == min(self.p.sources) else min(self.p.sources)
+
+    def model_records(self, model: Path) -> list[Path]:
+        """Every prediction record the predict stage writes for ``model``."""
+        variants = [self.predictions_path(model, v) for v in self.variant_records()]
+        return [self.predictions_path(model), *variants]
+
+    def variant_records(self) -> tuple[str, ...]:
+        """The variants' record names: each variant and, when there are any, the reference."""
+        return ("reference", *self.p.variants) if self.p.variants else ()
+
+    def pyra_arms(self) -> list[tuple[str, float | None]]:
+        """(method, modulator lr): ToMe + LoRA, then PYRA at each modulator learning rate."""
+        return [("lora", None)] + [("pyra", lr) for lr in self.p.pyra_modulator_lrs]
+
+    def pyra_path(self, task: str, seed: int, method: str, modulator_lr: float | None) -> Path:
+        p = self.p
+        key = _digest(self.digest(self.weights), self.digest(self.task_dir(task)), method, p.pyra_schedule,
+                      modulator_lr, p.epochs, p.batch_size, seed)
+        arm = method if modulator_lr is None else f"{method}-mlr{modulator_lr:g}"
+        return self.work / "pyra" / f"{task}_{arm}_seed{seed}-{key}.safetensors"
 
     def models(self, seeds: tuple[int, ...] | None = None) -> Iterator[tuple[str, int, int]]:
         """(task, source, seed) units, seed by seed: a run stopped early holds whole seeds."""
@@ -179,22 +230,30 @@ class Evidence:
         self.distill_split()
 
     def run_plugins(self) -> None:
-        train, held = self.distill_split()
         for seed in self._todo("plugins", self.p.plugin_seeds, lambda s: self.plugin_path(s)):
-            out = self.plugin_path(seed)
-            run_dir = Path(str(out) + ".run")
-            _, summary = run_distill(
-                MODEL, train, checkpoint=str(self.weights), steps=self.p.plugin_steps,
-                batch_size=self.p.plugin_batch, lr=self.p.plugin_lr, out=out, run_dir=run_dir,
-                resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers, device=self.device,
-                seed=seed, progress=self.progress, holdout=held, eval_every=self.p.plugin_eval_every,
-                decode_once=True)  # 900 small images: decoding them every epoch bounded a GPU run
-            _write_json(Path(str(out) + ".json"), summary)
+            self._distill(seed)
+
+    def run_variants(self) -> None:
+        units = [(v, s) for v in self.p.variants for s in self.p.variant_seeds]
+        for variant, seed in self._todo("variants", units, lambda u: self.plugin_path(u[1], u[0])):
+            self._distill(seed, variant)
+
+    def _distill(self, seed: int, variant: str = "standard") -> None:
+        train, held = self.distill_split()
+        out = self.plugin_path(seed, variant)
+        run_dir = Path(str(out) + ".run")
+        _, summary = run_distill(
+            MODEL, train, checkpoint=str(self.weights), steps=self.p.plugin_steps,
+            batch_size=self.p.plugin_batch, lr=self.p.plugin_lr, out=out, run_dir=run_dir,
+            resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers, device=self.device,
+            seed=seed, progress=self.progress, holdout=held, eval_every=self.p.plugin_eval_every,
+            decode_once=True,  # 900 small images: decoding them every epoch bounded a GPU run
+            **VARIANTS.get(variant, {}))
+        _write_json(Path(str(out) + ".json"), {**summary, "variant": variant})
 
     def run_models(self) -> None:
         """``finetune`` then ``predict`` per model, so a run stopped early has whole units of both."""
-        for unit in self._todo("finetune+predict", list(self.models()),
-                               lambda u: self.predictions_path(self.model_path(*u))):
+        for unit in self._todo("finetune+predict", list(self.models()), self._predicted):
             if not self.model_path(*unit).is_file():
                 self._finetune(*unit)
             self._predict(*unit)
@@ -213,37 +272,76 @@ class Evidence:
                      device=self.device, seed=seed, progress=self.progress)
 
     def run_predict(self) -> None:
-        for unit in self._todo("predict", list(self.models()),
-                               lambda u: self.predictions_path(self.model_path(*u))):
+        for unit in self._todo("predict", list(self.models()), self._predicted):
             self._predict(*unit)
 
+    def _predicted(self, unit: tuple[str, int, int]) -> _AllFiles:
+        return _AllFiles(self.model_records(self.model_path(*unit)))
+
     def _predict(self, task: str, source: int, seed: int) -> None:
+        """The model's missing prediction records: the standard plugins at every target, then each
+        variant at the endpoint's target alone."""
         model_file = self.model_path(task, source, seed)
-        recipe = json.loads(checkpoint_metadata(model_file).get("recipe", "{}"))
-        record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
-                  "model_sha256": self.digest(model_file), "val_acc": recipe.get("val_acc"),
-                  "curve": recipe.get("curve"), "plugins": {},
-                  # where the unit ran: the analysis may run elsewhere, from these records alone
-                  "ran_on": {**provenance(self.device or _default_device()),
-                             "tf32": torch.backends.cuda.matmul.allow_tf32}}
-        for plugin_seed in self.p.plugin_seeds:
-            plugin_file = self.plugin_path(plugin_seed)
-            plugin = Compensator.load(plugin_file)
-            val = self._sweep(model_file, task, "val", source, plugin, self.p.scales)
-            chosen = select_scales(val)
-            scales = sorted(set(chosen.values()) | {self.p.fixed_scale})
-            test = self._sweep(model_file, task, "test", source, plugin, scales)
-            record["plugins"][str(plugin_seed)] = {
-                "file": plugin_file.name, "sha256": self.digest(plugin_file), "selected": chosen,
-                "val": [_row(r) for r in val], "test": [_row(r) for r in test]}
-        _write_json(self.predictions_path(model_file), record)
+        jobs = [("standard", self.p.plugin_seeds, list(self.p.targets))]
+        jobs += [(v, self.p.variant_seeds, [self.endpoint_target(source)]) for v in self.variant_records()]
+        for variant, plugin_seeds, targets in jobs:
+            out = self.predictions_path(model_file, variant)
+            if out.is_file():
+                continue
+            recipe = json.loads(checkpoint_metadata(model_file).get("recipe", "{}"))
+            record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
+                      "model_sha256": self.digest(model_file), "val_acc": recipe.get("val_acc"),
+                      "curve": recipe.get("curve"), "variant": variant, "plugins": {},
+                      # where the unit ran: the analysis may run elsewhere, from these records alone
+                      "ran_on": {**provenance(self.device or _default_device()),
+                                 "tf32": torch.backends.cuda.matmul.allow_tf32}}
+            for plugin_seed in plugin_seeds:
+                plugin_file = self.plugin_path(plugin_seed, "standard" if variant == "reference" else variant)
+                plugin = Compensator.load(plugin_file)
+                val = self._sweep(model_file, task, "val", source, plugin, self.p.scales, targets)
+                chosen = select_scales(val)
+                scales = sorted(set(chosen.values()) | {self.p.fixed_scale})
+                test = self._sweep(model_file, task, "test", source, plugin, scales, targets)
+                record["plugins"][str(plugin_seed)] = {
+                    "file": plugin_file.name, "sha256": self.digest(plugin_file), "selected": chosen,
+                    "val": [_row(r) for r in val], "test": [_row(r) for r in test]}
+            _write_json(out, record)
+
+    def run_pyra(self) -> None:
+        units = [(task, seed, *arm) for seed in self.p.finetune_seeds for task in self.p.tasks
+                 for arm in self.pyra_arms()]
+        done = lambda u: self._pyra_record(self.pyra_path(*u))  # noqa: E731
+        for task, seed, method, lr in self._todo("pyra", units, done):
+            out = self.pyra_path(task, seed, method, lr)
+            run_dir = Path(str(out) + ".run")
+            if not out.is_file():
+                run_finetune(MODEL, self.task_dir(task), checkpoint=self.weights, method=method,
+                             preset="pyra-vtab", r=self.p.pyra_schedule, epochs=self.p.epochs,
+                             batch_size=self.p.batch_size, modulator_lr=lr, val_every=1, out=out,
+                             run_dir=run_dir, resume=(run_dir / "last.ckpt").is_file(),
+                             num_workers=self.num_workers, device=self.device, seed=seed,
+                             progress=self.progress)
+            model = load_model(MODEL, out)  # patched, at the schedule it was fine-tuned at
+            data = self._eval_images(task, "test", eval_transform_for(out, model))
+            row = sweep(model, make_loader(data, self.p.eval_batch), [model.r], 0, device=self.device
+                        or _default_device(), progress=self.progress, keep_predictions=True)[0]
+            recipe = json.loads(checkpoint_metadata(out).get("recipe", "{}"))
+            _write_json(self._pyra_record(out), {
+                "task": task, "seed": seed, "method": method, "modulator_lr": lr, "model": out.name,
+                "model_sha256": self.digest(out), "schedule": model.r, "val_acc": recipe.get("val_acc"),
+                "curve": recipe.get("curve"), "test": _row(row),
+                "ran_on": {**provenance(self.device or _default_device()),
+                           "tf32": torch.backends.cuda.matmul.allow_tf32}})
+
+    def _pyra_record(self, model: Path) -> Path:
+        return self.work / "predictions" / "pyra" / f"{model.stem}.json"
 
     def _sweep(self, model_file: Path, task: str, split: str, source: int, plugin: Compensator,
-               scales) -> list[EvalRow]:
+               scales, targets: list[int]) -> list[EvalRow]:
         model = patch(load_model(MODEL, model_file))
         data = self._eval_images(task, split, eval_transform_for(model_file, model))
         # decoded tensors already: loader workers would only copy them through shared memory
-        return sweep(model, make_loader(data, self.p.eval_batch), list(self.p.targets),
+        return sweep(model, make_loader(data, self.p.eval_batch), targets,
                      source, plugin, scales, device=self.device or _default_device(), split=split,
                      progress=self.progress, keep_predictions=True)
 
@@ -293,6 +391,16 @@ class Evidence:
         return {"protocol": self.name, **asdict(self.p), "weights_sha256": self.digest(self.weights),
                 "imagenet_sample_sha256": self.digest(self.shared / "data/imagenet-sample"),
                 "tasks_sha256": {t: self.digest(self.task_dir(t)) for t in self.p.tasks}}
+
+
+class _AllFiles:
+    """Stands in a path for :meth:`Evidence._todo`: a unit is done when all its files exist."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def is_file(self) -> bool:
+        return all(path.is_file() for path in self.paths)
 
 
 def _row(row: EvalRow) -> dict:

@@ -7,8 +7,13 @@ The endpoints are the ones declared in ``docs/results/README.md`` before the run
 2. the same at 16 -> 0;
 3. the mismatch gap at 16 (the model fine-tuned at 16 against the one fine-tuned at 0, both run
    at 16) and the fraction of it the plugin closes;
-4. PYRA against ToMe + LoRA at the ``high`` schedule (a separate stage; reported as not run until
-   it is).
+4. PYRA against ToMe + LoRA at the ``high`` schedule (the ``pyra`` stage; the modulator learning
+   rate picked per task on val200).
+
+The candidate-cause variants of the plugin (the ``variants`` stage) are reported beside the
+endpoints: each variant's gain and fraction of the gap closed, and its difference from the
+standard plugin of the same seed on the same models, next to the difference between two seeds of
+the standard plugin (how far two plugins differ by chance alone).
 
 Every (source, target) pair also gets its pooled gain, at the selected and at the fixed scale,
 with a flag where the plugin loses significantly (CI entirely below 0).
@@ -17,6 +22,7 @@ with a flag where the plugin loses significantly (CI entirely below 0).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,6 +130,105 @@ class Analysis:
         return Records.from_runs(np.arange(len(labels)), labels, runs, source=f"evidence/{task}")
 
 
+def _analysis(ev: Evidence, records: list[dict], seeds: tuple[int, ...],
+              plugin_seeds: tuple[int, ...]) -> Analysis:
+    protocol = replace(ev.p, finetune_seeds=seeds, plugin_seeds=plugin_seeds)
+    return Analysis(SimpleNamespace(p=protocol), records)
+
+
+def variant_results(ev: Evidence, records: list[dict], seeds: tuple[int, ...]) -> dict:
+    """Per variant (and the ``reference`` standard plugin), on the models of the records that exist:
+    gains at both endpoints, the fraction of the 0 -> 16 gap closed, and the difference from the
+    reference; ``{"not run": [...]}`` lists variants without every record."""
+    lo, hi = min(ev.p.sources), max(ev.p.sources)
+    standard = {(r["task"], r["source"], r["seed"]): r for r in records}
+    loaded: dict[str, list[dict]] = {}
+    missing = []
+    for variant in ev.variant_records():
+        paths = [ev.predictions_path(ev.model_path(*u), variant) for u in ev.models(seeds)]
+        if not all(path.is_file() for path in paths):
+            missing.append(variant)
+            continue
+        merged = []
+        for path in paths:
+            record = json.loads(path.read_text())
+            base = standard[(record["task"], record["source"], record["seed"])]
+            # The matched-degree rows (each model at its own degree, without a plugin) come from the
+            # standard records: variant records hold the endpoint's target alone.
+            own = [row for row in next(iter(base["plugins"].values()))["test"]
+                   if not row["plugin"] and row["target"] == record["source"]]
+            merged.append({**record, "plugins": {k: {**e, "test": e["test"] + own}
+                                                 for k, e in record["plugins"].items()}})
+        loaded[variant] = merged
+    out: dict = {"not run": missing, "variants": {}}
+    if "reference" not in loaded:
+        return out
+    vs = ev.p.variant_seeds
+    reference = _analysis(ev, loaded["reference"], seeds, vs)
+    for variant, merged in loaded.items():
+        an = _analysis(ev, merged, seeds, vs)
+        row: dict = {"closure": an.closure(lo, hi)}
+        for s, t in ((lo, hi), (hi, lo)):
+            row[f"gain {s}->{t}"] = an.gain(s, t).as_dict()
+            row[f"vs reference {s}->{t}"] = pooled_difference(
+                [(reference._runs(task, s, t, "selected"), an._runs(task, s, t, "selected"))
+                 for task in ev.p.tasks]).as_dict()
+        kind = "standard" if variant == "reference" else variant
+        summary = Path(str(ev.plugin_path(vs[0], kind)) + ".json")
+        if summary.is_file():
+            info = json.loads(summary.read_text())
+            row["distillation"] = {k: info.get(k) for k in ("loss", "augment", "steps", "batch_size", "lr")}
+            row["holdout_curve"] = info.get("holdout_curve")
+        out["variants"][variant] = row
+    if len(ev.p.plugin_seeds) > 1:  # two seeds of the standard plugin: a difference by chance alone
+        a, b = (_analysis(ev, records, seeds, (k,)) for k in ev.p.plugin_seeds[:2])
+        out["standard seed vs seed"] = {
+            f"{s}->{t}": pooled_difference([(a._runs(task, s, t, "selected"), b._runs(task, s, t, "selected"))
+                                            for task in ev.p.tasks]).as_dict()
+            for s, t in ((lo, hi), (hi, lo))}
+    return out
+
+
+def pyra_results(ev: Evidence, seeds: tuple[int, ...]) -> dict:
+    """Endpoint 4: PYRA (modulator lr picked per task on the mean val200 accuracy over seeds) minus
+    ToMe + LoRA at the ``high`` schedule, pooled over tasks and seeds; every arm beside it."""
+    arms = ev.pyra_arms()
+    records: dict[tuple, dict] = {}
+    complete = []
+    for seed in seeds:  # a run stopped early is analysed on its whole seeds, as the other endpoints
+        paths = {(task, seed, *arm): ev._pyra_record(ev.pyra_path(task, seed, *arm))
+                 for task in ev.p.tasks for arm in arms}
+        if all(path.is_file() for path in paths.values()):
+            records.update({key: json.loads(path.read_text()) for key, path in paths.items()})
+            complete.append(seed)
+    if not complete:
+        return {"not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
+    seeds = tuple(complete)
+
+    def runs(task: str, method: str, lr: float | None) -> np.ndarray:
+        rows = [records[(task, seed, method, lr)] for seed in seeds]
+        return np.stack([correctness(r["test"]["predictions"], r["test"]["labels"], r["model"])
+                         for r in rows])
+
+    chosen = {}
+    for task in ev.p.tasks:
+        val = {lr: float(np.mean([records[(task, seed, "pyra", lr)]["val_acc"] for seed in seeds]))
+               for method, lr in arms if method == "pyra"}
+        chosen[task] = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller rate
+    lora = {task: runs(task, "lora", None) for task in ev.p.tasks}
+    endpoint = pooled_difference([(lora[t], runs(t, "pyra", chosen[t])) for t in ev.p.tasks])
+    per_arm = {f"pyra, modulator lr {lr:g}": pooled_difference([(lora[t], runs(t, "pyra", lr))
+                                                                for t in ev.p.tasks]).as_dict()
+               for method, lr in arms if method == "pyra"}
+    per_task = {t: pooled_difference([(lora[t], runs(t, "pyra", chosen[t]))]).as_dict() for t in ev.p.tasks}
+    val_acc = {f"{t} {m}{'' if lr is None else f' mlr {lr:g}'}":
+               float(np.mean([records[(t, seed, m, lr)]["val_acc"] for seed in seeds]))
+               for t in ev.p.tasks for m, lr in arms}
+    return {"schedule": ev.p.pyra_schedule, "modulator_lr_chosen": chosen, "endpoint": endpoint.as_dict(),
+            "per_arm": per_arm, "per_task": per_task, "val_acc": val_acc,
+            "seeds": list(seeds)}
+
+
 def analyze(ev: Evidence, out: Path) -> dict:
     """Compute the endpoints and tables; write ``evidence.json``, ``evidence.md`` and the predictions."""
     records, seeds = ev.load_predictions()
@@ -161,12 +266,15 @@ def analyze(ev: Evidence, out: Path) -> dict:
         summary = Path(str(ev.plugin_path(seed)) + ".json")
         curves["plugins"][f"seed{seed}"] = json.loads(summary.read_text()).get("holdout_curve")
     _plots(an, ev, curves["plugins"], out)
+    variants = variant_results(ev, records, seeds)
+    pyra = pyra_results(ev, seeds)
     results = {
         "experiment": "evidence", "provenance": {**provenance(ev.device), **ev.provenance(),
                                                  "units_ran_on": _distinct(r.get("ran_on") for r in records)},
         "endpoints": {k: v.as_dict() for k, v in endpoints.items()},
         "gap_closed": closure,
-        "pyra_vs_tome_lora_high": "not run in this stage",
+        "pyra_vs_tome_lora_high": pyra,
+        "variants": variants,
         "finetune_seeds_analysed": list(seeds),
         "complete": tuple(seeds) == tuple(ev.p.finetune_seeds),
         "pairs": pairs, "per_task": per_task, "curves": curves, "predictions": files,
@@ -177,7 +285,8 @@ def analyze(ev: Evidence, out: Path) -> dict:
             for s, t in ((lo, hi), (hi, lo))],
     }
     (out / "evidence.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "evidence.md").write_text(render(endpoints, closure, pairs, an.p, ev.p, per_task))
+    (out / "evidence.md").write_text(render(endpoints, closure, pairs, an.p, ev.p, per_task)
+                                     + render_extra(variants, pyra))
     return results
 
 
@@ -260,4 +369,50 @@ def render(endpoints: dict[str, PairedDifference], closure: dict, pairs: list[di
                   for row in per_task]
     lines += ["", "![accuracy against the target degree](evidence.png)", "",
               "![held-out distillation loss](evidence-holdout.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _ci(d: dict) -> str:
+    return f"{100 * d['difference']:+.2f} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
+
+
+def render_extra(variants: dict, pyra: dict) -> str:
+    """Markdown of the candidate-cause variants and of the PYRA endpoint."""
+    lines = ["", "## Candidate causes: plugin variants (each changes one distillation setting)", ""]
+    if not variants["variants"]:
+        lines.append(f"Not run: {', '.join(variants['not run']) or 'no variants declared'}.")
+    else:
+        lines += ["The reference is the standard plugin of the same seed, evaluated again on the same "
+                  "models and images as the variants. Points, paired bootstrap 95% CIs.", "",
+                  "| plugin | gain 0 -> 16 | gap closed 0 -> 16 | vs reference 0 -> 16 | gain 16 -> 0 "
+                  "| vs reference 16 -> 0 |", "|---|---|---|---|---|---|"]
+        for name, row in variants["variants"].items():
+            c = row["closure"]
+            closed = (f"{c['fraction']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+                      if c["fraction"] is not None else "no gap")
+            keys = [k for k in row if k.startswith("gain ")]
+            lo_hi, hi_lo = keys[0].split()[1], keys[1].split()[1]
+            lines.append(f"| {name} | {_ci(row[f'gain {lo_hi}'])} | {closed} | "
+                         f"{'-' if name == 'reference' else _ci(row[f'vs reference {lo_hi}'])} | "
+                         f"{_ci(row[f'gain {hi_lo}'])} | "
+                         f"{'-' if name == 'reference' else _ci(row[f'vs reference {hi_lo}'])} |")
+        chance = variants.get("standard seed vs seed")
+        if chance:
+            lines += ["", "By chance alone, the standard plugin's seed 1 against its seed 0: " + "; ".join(
+                f"{pair} {_ci(d)}" for pair, d in chance.items()) + "."]
+    lines += ["", "## Endpoint 4: PYRA against ToMe + LoRA at `high`", ""]
+    if "not run" in pyra:
+        lines.append(f"Not run: {pyra['not run']}.")
+        return "\n".join(lines) + "\n"
+    e = pyra["endpoint"]
+    chosen = ", ".join(f"{t} {lr:g}" for t, lr in pyra["modulator_lr_chosen"].items())
+    lines += [f"PYRA (modulator learning rate picked per task on val200: {chosen}) minus ToMe + LoRA, "
+              f"both fine-tuned and run at `{pyra['schedule']}`, pooled over tasks and "
+              f"{len(pyra['seeds'])} seeds: "
+              f"**{_ci(e)}** points ({100 * e['accuracy_a']:.1f}% -> {100 * e['accuracy_b']:.1f}%).", "",
+              "| comparison with ToMe + LoRA | PYRA - LoRA (points) [95% CI] |", "|---|---|"]
+    lines += [f"| {name} (every task) | {_ci(d)} |" for name, d in pyra["per_arm"].items()]
+    lines += [f"| {task} (subgroup), lr picked on val | {_ci(d)} |" for task, d in pyra["per_task"].items()]
+    if any(math.isnan(v) for v in pyra["val_acc"].values()):
+        lines.append("Some units have no validation accuracy; their choice of rate is unreliable.")
     return "\n".join(lines) + "\n"

@@ -2,9 +2,10 @@
 
 Methods: ``full`` (every weight), ``lora`` (rank-h LoRA on q, k, v or q, v of the fused qkv),
 ``adaptformer`` (bottleneck adapters parallel to each MLP) and ``pyra`` (LoRA plus PYRA token
-modulation). The loop is :func:`tocom.train.trainer.train` with a :class:`ClassifyObjective`; the
-result is one safetensors file with LoRA folded in (AdaptFormer adapters and PYRA modulators
-stay: they run at inference) that :func:`tocom.finetuned.load_model` rebuilds.
+modulation, its modulators optionally at their own ``modulator_lr``). The loop is
+:func:`tocom.train.trainer.train` with a :class:`ClassifyObjective`; the result is one safetensors
+file with LoRA folded in (AdaptFormer adapters and PYRA modulators stay: they run at inference)
+that :func:`tocom.finetuned.load_model` rebuilds.
 
 Presets (``PRESETS``): ToCom's downstream recipes (DeiT-style: AdamW, cosine, label smoothing 0.1,
 RandAugment + random erasing, lr scaled per 512 images of global batch; their mixup/cutmix,
@@ -15,6 +16,7 @@ runs on a few hundred images.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +40,10 @@ from tocom.models.loading import (
     save_model,
 )
 from tocom.peft import add_adaptformer, add_lora, fold, mark_trainable
-from tocom.pyra import PARAM_PATTERN, add_pyra
+from tocom.pyra import PARAM_PATTERN, add_pyra, pyra_parameters
 from tocom.train import distributed
-from tocom.train.config import TrainConfig, lr_per_512
+from tocom.train.checkpoint import load_checkpoint
+from tocom.train.config import TrainConfig, build_optimizer, lr_per_512
 from tocom.train.trainer import Objective, train
 
 HEAD_KEYS = ("head.", "head_dist.")  # DeiT distilled models have a second head
@@ -79,12 +82,43 @@ PRESETS: dict[str, FinetunePreset] = {
 
 
 class ClassifyObjective(Objective):
-    """``objective((images, labels)) -> (cross-entropy, {"acc": batch accuracy})``; trains in train mode."""
+    """``objective((images, labels)) -> (cross-entropy, {"acc": batch accuracy})``; trains in train mode.
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+    ``modulator_lr_scale``: None trains PYRA's modulators like every other parameter; a number puts
+    their W_r and W_D in their own optimizer group whose lr is that multiple of the scheduled lr
+    (so warm-up and cosine apply to them too).
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0,
+                 modulator_lr_scale: float | None = None) -> None:
         super().__init__()
+        if modulator_lr_scale is not None:
+            if not (math.isfinite(modulator_lr_scale) and modulator_lr_scale > 0):
+                raise ValueError(f"modulator_lr_scale must be a finite number > 0, got {modulator_lr_scale}")
+            if not pyra_parameters(model):
+                raise ValueError("modulator_lr_scale is set but the model has no PYRA modulators "
+                                 "(tocom.pyra.add_pyra)")
         self.model = model
         self.label_smoothing = label_smoothing
+        self.modulator_lr_scale = modulator_lr_scale
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Param groups for :func:`tocom.train.config.build_optimizer`.
+
+        Its default split (weight decay on trainables of >= 2 dims, none on 1-D ones), in the same
+        order, plus, when ``modulator_lr_scale`` is set, a third group of PYRA's W_r and W_D with
+        that ``lr_scale`` and no weight decay (both are 1-D).
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        own = set() if self.modulator_lr_scale is None else {id(p) for p in pyra_parameters(self.model)}
+        rest = [p for p in trainable if id(p) not in own]
+        # The first group has no weight_decay key: build_optimizer fills in config.weight_decay.
+        groups: list[dict[str, Any]] = [{"params": [p for p in rest if p.ndim >= 2]},
+                                        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
+        if own:
+            groups.append({"params": [p for p in trainable if id(p) in own], "weight_decay": 0.0,
+                           "lr_scale": self.modulator_lr_scale})
+        return groups
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, labels = batch[0], batch[1]
@@ -180,11 +214,28 @@ def accuracy_hook(data: Dataset, batch_size: int, num_workers: int):
     return evaluate
 
 
+def check_resumed_lr_scales(objective: nn.Module, config: TrainConfig, ckpt_path: Path) -> None:
+    """Raise if the run at ``ckpt_path`` was trained with other param groups or ``lr_scale``s.
+
+    The optimizer's state dict carries each group's ``lr_scale`` and loading it would silently keep
+    the old ones, so a resume with another ``modulator_lr`` must be refused here.
+    """
+    if not ckpt_path.is_file():
+        return  # train() says what to do about a missing checkpoint
+    saved = [g.get("lr_scale", 1.0) for g in load_checkpoint(ckpt_path)["optimizer"]["param_groups"]]
+    asked = [g["lr_scale"] for g in build_optimizer(objective, config).param_groups]
+    if len(saved) != len(asked) or not all(math.isclose(a, b) for a, b in zip(saved, asked)):
+        raise ValueError(f"cannot resume: {ckpt_path} was trained with param-group lr scales {saved}, "
+                         f"this call gives {asked}; pass the original modulator_lr (--modulator-lr) "
+                         "or use a new run dir")
+
+
 def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | None = None,
                  pretrained: bool = False, method: str | None = None, r: str | None = None,
                  preset: str = "small", epochs: int | None = None, batch_size: int | None = None,
-                 lr: float | None = None, rank: int = 8, lora_targets: tuple[str, ...] = ("q", "k", "v"),
-                 bottleneck: int = 32, adapter_scale: float = 0.1, split_train: str = "train",
+                 lr: float | None = None, modulator_lr: float | None = None, rank: int = 8,
+                 lora_targets: tuple[str, ...] = ("q", "k", "v"), bottleneck: int = 32,
+                 adapter_scale: float = 0.1, split_train: str = "train",
                  val_every: int | None = None, out: str | Path = "finetuned.safetensors",
                  run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
                  device: str | None = None, seed: int = 0, progress: bool = True,
@@ -195,6 +246,11 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     ``r`` is any :func:`tocom.compress.parse_schedule` text (``8``, ``8,8,4``, ``flops=0.5``,
     ``low``/``high``); with PYRA a schedule that would be clamped is refused. ``split_train="trainval"``
     trains on train+val (VTAB-1k's final-number protocol) and then skips validation.
+
+    ``modulator_lr`` (``method="pyra"`` only): the peak lr of PYRA's W_r and W_D, absolute (not scaled
+    per 512 images). They get their own optimizer group at ``lr_scale = modulator_lr / lr``, so they
+    follow the same warm-up and cosine schedule. None (default) trains them at ``lr``. Recorded in
+    the recipe as given.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -204,6 +260,12 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         choose = f"one of {FINETUNE_METHODS}"
         raise ValueError(f"preset {preset!r} serves any method: pass method= {choose}"
                          if method is None else f"unknown method {method!r}; choose {choose}")
+    if modulator_lr is not None:
+        if method != "pyra":
+            raise ValueError(f"modulator_lr sets the lr of PYRA's modulators; it needs method='pyra', "
+                             f"got method={method!r}")
+        if not (math.isfinite(modulator_lr) and modulator_lr > 0):
+            raise ValueError(f"modulator_lr must be a finite number > 0, got {modulator_lr}")
     if split_train not in ("train", "trainval"):
         raise ValueError(f"split_train must be 'train' or 'trainval', got {split_train!r}")
     batch_size = batch_size or p.batch_size
@@ -237,8 +299,11 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
                          checkpoint_every=per_epoch, eval_every=val_every * per_epoch if val_data else 0,
                          seed=seed, progress=progress)
     hook = accuracy_hook(val_data, batch_size, num_workers) if val_data is not None else None
-    objective = ClassifyObjective(model, p.label_smoothing)
+    objective = ClassifyObjective(model, p.label_smoothing,
+                                  None if modulator_lr is None else modulator_lr / lr)
     run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
+    if resume:
+        check_resumed_lr_scales(objective, config, run_dir / "last.ckpt")
     start = time.time()
     result = train(objective, train_data, config, out_dir=run_dir, resume=resume, evaluate=hook,
                    device=device, stop_after=stop_after)
@@ -246,6 +311,7 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         "preset": preset, "method": method, "data": str(data), "split_train": split_train,
         "images": len(train_data), "classes": train_data.num_classes, "new_head": info["new_head"],
         "schedule_text": text, "epochs": epochs, **{k: getattr(config, k) for k in RECIPE_FIELDS},
+        "modulator_lr": modulator_lr,  # None: the modulators trained at lr
         "augment": p.augment, "label_smoothing": p.label_smoothing, "drop_path": p.drop_path,
         "world_size": world, "wall_s": round(time.time() - start, 1), "steps_done": result.step,
         "val_acc": result.evals[-1]["val_acc"] if result.evals else None,

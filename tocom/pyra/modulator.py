@@ -7,9 +7,13 @@ Before block l merges its r source tokens ``M_s`` (set A) into their destination
     d_r = W_D M        pair weights,    W_D: (D,)    (B, r)    -- one weight per merged pair
     M_s <- M_s + (2 sigmoid(d_r) - 1) * 2 sigmoid(d_D) * M_s
 
-W_D starts at zero, so ``2 sigmoid(0) - 1 = 0`` and the model is unchanged at initialisation;
-W_r starts uniform in [-1, 1] (what kaiming-uniform gives an (r, 1) matrix, as in the official
-code). Because W_r has one entry per pair, each block's r is fixed once PYRA is added.
+As in the paper, W_r starts Gaussian (``init="gaussian"``, std :data:`GAUSSIAN_STD`; the paper does
+not publish the std) and W_D starts at zero, so ``2 sigmoid(0) - 1 = 0`` and the model is unchanged
+at initialisation. ``init="uniform"`` keeps the earlier U(-1, 1) (kaiming-uniform of an (r, 1)
+matrix, as in the official code). The LayerNorm has no learned affine: its weight and bias stay at
+(1, 0) and are frozen (they are kept as parameters so checkpoints written when they trained still
+load). Only W_r and W_D train (:data:`PARAM_PATTERN`, :func:`pyra_parameters`). Because W_r has one
+entry per pair, each block's r is fixed once PYRA is added.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from torch import nn
 from tocom.compress import ViTDims, check_unclamped, clamp_schedule, resolve_schedule
 from tocom.models import dims_of, family_of, is_patched
 
-PARAM_PATTERN = "blocks.*.merge_modulator.*"  # for tocom.peft.mark_trainable(extra=...)
+# W_r and W_D only: the LayerNorm's affine stays at (1, 0), so mark_trainable must not pick it up.
+PARAM_PATTERN = "blocks.*.merge_modulator.w_*"  # for tocom.peft.mark_trainable(extra=...)
 ATTR = "merge_modulator"  # the block attribute tocom.models.blocks calls before merging
+INITS = ("gaussian", "uniform")
+GAUSSIAN_STD = 0.02  # timm's ViT init; the paper says "Gaussian" without a std
 
 
 class PyraModulator(nn.Module):
@@ -31,24 +38,37 @@ class PyraModulator(nn.Module):
         dim: token width D.
         r: pairs merged in this block (fixed: W_r has one weight per pair).
         layer: block index, for error messages.
+        init: how W_r starts. ``"gaussian"`` (default): N(0, 0.02^2). The paper initialises W_r
+            from a Gaussian but does not publish its std; 0.02 (timm's ViT init) is our choice.
+            ``"uniform"``: U(-1, 1), what the official code's kaiming-uniform gives. Either way
+            W_D starts at zero, so the modulator is the identity until it trains.
+
+    The LayerNorm's weight and bias are created frozen (``requires_grad=False``) at (1, 0).
     """
 
     def __init__(self, dim: int, r: int, layer: int = -1, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, init: str = "gaussian") -> None:
         super().__init__()
         if r <= 0:
             raise ValueError(f"PYRA needs r > 0 pairs, got r={r}")
+        if init not in INITS:
+            raise ValueError(f"unknown PYRA init {init!r}; choose one of {INITS}")
         factory = {"device": device, "dtype": dtype}
-        self.r, self.layer = r, layer
-        self.norm = nn.LayerNorm(dim, **factory)
+        self.r, self.layer, self.init = r, layer, init
+        # Kept as parameters (not elementwise_affine=False) so older checkpoints, which trained
+        # them, still load strictly and run as they were trained.
+        self.norm = nn.LayerNorm(dim, **factory).requires_grad_(False)
         self.w_r = nn.Parameter(torch.empty(r, **factory))
         self.w_d = nn.Parameter(torch.empty(dim, **factory))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """W_r ~ U(-1, 1), W_D = 0 (identity), LayerNorm at its default (1, 0)."""
-        nn.init.uniform_(self.w_r, -1.0, 1.0)
+        """W_r from ``self.init``, W_D = 0 (identity), LayerNorm at (1, 0)."""
+        if self.init == "gaussian":
+            nn.init.normal_(self.w_r, 0.0, GAUSSIAN_STD)
+        else:
+            nn.init.uniform_(self.w_r, -1.0, 1.0)
         nn.init.zeros_(self.w_d)
         self.norm.reset_parameters()
 
@@ -70,19 +90,22 @@ class PyraModulator(nn.Module):
         return torch.addcmul(src, gate.to(src.dtype), src)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, r={self.r}, dim={self.w_d.shape[0]}"
+        return f"layer={self.layer}, r={self.r}, dim={self.w_d.shape[0]}, init={self.init}"
 
 
-def add_pyra(model: nn.Module) -> nn.Module:
+def add_pyra(model: nn.Module, init: str = "gaussian") -> nn.Module:
     """Add a :class:`PyraModulator` to every block with r > 0 in ``model``'s current schedule.
 
     The model must be patched with ``tocom.patch(model, "tome")`` and its schedule set
-    (``model.r = ...``). The model's outputs are unchanged right after this call.
+    (``model.r = ...``). The model's outputs are unchanged right after this call. ``init`` is how
+    W_r starts (:class:`PyraModulator`: ``"gaussian"``, the paper's, or ``"uniform"``).
 
     Raises:
         ValueError: not a ToMe-patched model, a schedule that would be clamped (the message
-            names the block), r = 0 everywhere, or PYRA already present.
+            names the block), r = 0 everywhere, PYRA already present, or an unknown ``init``.
     """
+    if init not in INITS:
+        raise ValueError(f"unknown PYRA init {init!r}; choose one of {INITS}")
     if not is_patched(model) or model._tocom.method != "tome":
         raise ValueError("PYRA modulates ToMe merges: call tocom.patch(model, 'tome') and set model.r first")
     if family_of(model) != "timm-vit":  # untested elsewhere, and its LoRA (tocom.peft) is timm-vit only
@@ -98,7 +121,8 @@ def add_pyra(model: nn.Module) -> nn.Module:
     for i, (blk, r) in enumerate(zip(model.blocks, schedule)):
         if r > 0:
             ref = blk.norm1.weight
-            setattr(blk, ATTR, PyraModulator(dims.embed_dim, r, i, device=ref.device, dtype=ref.dtype))
+            setattr(blk, ATTR, PyraModulator(dims.embed_dim, r, i, device=ref.device, dtype=ref.dtype,
+                                             init=init))
     return model
 
 
@@ -111,8 +135,12 @@ def remove_pyra(model: nn.Module) -> nn.Module:
 
 
 def pyra_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters :func:`add_pyra` added (W_r, W_D and the LayerNorm of each modulator)."""
-    return [p for blk in model.blocks if hasattr(blk, ATTR) for p in getattr(blk, ATTR).parameters()]
+    """The parameters of :func:`add_pyra`'s modulators that train: W_r and W_D of each, in block order.
+
+    The LayerNorm's frozen (1, 0) affine is not among them (it stays in the state dict).
+    """
+    mods = [getattr(blk, ATTR) for blk in model.blocks if hasattr(blk, ATTR)]
+    return [p for mod in mods for p in (mod.w_r, mod.w_d)]
 
 
 def pyra_schedule(model: nn.Module) -> list[int]:
