@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from torchvision import transforms as T
 
@@ -90,7 +91,7 @@ def train_transform(
     mean = tuple(mean or cfg.get("mean", IMAGENET_DEFAULT_MEAN))
     std = tuple(std or cfg.get("std", IMAGENET_DEFAULT_STD))
     if kind == "deit":
-        return create_transform(
+        return _posterize_any_bits(create_transform(
             input_size=size,
             is_training=True,
             auto_augment="rand-m9-mstd0.5-inc1",
@@ -100,7 +101,7 @@ def train_transform(
             re_count=1,
             mean=mean,
             std=std,
-        )
+        ))
     bicubic = T.InterpolationMode.BICUBIC
     if kind == "light":
         first: list[Any] = [T.RandomResizedCrop(size, interpolation=bicubic), T.RandomHorizontalFlip()]
@@ -140,3 +141,26 @@ def transform_from_record(record: Mapping[str, Any]) -> Callable[[Any], torch.Te
     mode = T.InterpolationMode(record["interpolation"])
     return T.Compose([T.Resize((int(record["size"]),) * 2, interpolation=mode), T.ToTensor(),
                       T.Normalize(mean, std)])
+
+
+def _posterize_zero_safe(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Posterize as RandAugment means it, including keeping 0 bits (a black image)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # what Pillow gave for 0 bits before it refused them
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_any_bits(transform: T.Compose) -> T.Compose:
+    """``transform`` with its RandAugment's posterize ops able to keep 0 bits.
+
+    timm's ``inc1`` posterize keeps ``4 - int(0.4 m)`` bits, so 0 at magnitude 10, which
+    ``mstd0.5`` draws about once in 40 ops; recent Pillow raises on 0 bits, and a distillation or
+    fine-tune died on it a few hundred images in.
+    """
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize_zero_safe
+    return transform

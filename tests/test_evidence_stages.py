@@ -1,0 +1,133 @@
+"""The variants and pyra analyses on synthetic records written where the stages write them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tocom.experiments.evidence import Evidence
+from tocom.experiments.evidence_report import pyra_results, render_extra, variant_results
+
+N = 40
+LABELS = [i % 4 for i in range(N)]
+
+
+def predictions(accuracy: float) -> list[int]:
+    """Right on the first ``accuracy * N`` images, wrong on the rest."""
+    k = round(accuracy * N)
+    return [y if i < k else (y + 1) % 4 for i, y in enumerate(LABELS)]
+
+
+@pytest.fixture
+def ev(tmp_path, monkeypatch):
+    """An Evidence of the smoke protocol over a stand-in shared folder (no real weights needed)."""
+    shared = tmp_path / "shared"
+    for name, text in (("weights/deit_tiny_patch16_224.safetensors", "w"),
+                       ("data/imagenet-sample/a.jpg", "i"), ("data/vtab-1k/cifar10/test.txt", "c")):
+        (shared / name).parent.mkdir(parents=True, exist_ok=True)
+        (shared / name).write_text(text)
+    monkeypatch.setenv("TOCOM_SHARED", str(shared))
+    e = Evidence(tmp_path / "work", "smoke", progress=False)
+    (e.work / "data/count").mkdir(parents=True)
+    (e.work / "data/count/test.txt").write_text("n")  # stands in the generated task
+    return e
+
+
+def write(path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def rows(target: int, without: float, plugin: float | None) -> list[dict]:
+    out = [{"target": target, "plugin": False, "scale": None, "predictions": predictions(without),
+            "labels": LABELS}]
+    if plugin is not None:
+        out.append({"target": target, "plugin": True, "scale": 0.1, "predictions": predictions(plugin),
+                    "labels": LABELS})
+    return out
+
+
+def standard_records(ev: Evidence) -> list[dict]:
+    """r=0 models: 0.5 at 16; r=16 models: 0.9 at 16 and 0.6 at 0 (r=0 models are 0.8 at 0)."""
+    records = []
+    for task, source, seed in ev.models():
+        if source == 0:
+            test = rows(0, 0.8, None) + rows(16, 0.5, 0.6)
+        else:
+            test = rows(16, 0.9, None) + rows(0, 0.6, 0.6)
+        records.append({"task": task, "source": source, "seed": seed, "model": f"{task}{source}",
+                        "plugins": {"0": {"selected": {"16": 0.1, "0": 0.1}, "test": test}}})
+    return records
+
+
+def write_variant(ev: Evidence, variant: str, at_16: float) -> None:
+    for task, source, seed in ev.models():
+        target = ev.endpoint_target(source)
+        test = rows(16, 0.5, at_16) if source == 0 else rows(0, 0.6, 0.6)
+        write(ev.predictions_path(ev.model_path(task, source, seed), variant),
+              {"task": task, "source": source, "seed": seed, "model": f"{task}{source}",
+               "plugins": {"0": {"selected": {str(target): 0.1}, "test": test}}})
+
+
+def test_each_variant_is_compared_with_the_reference_on_the_same_models(ev):
+    assert ev.variant_records() == ("reference", "feat")
+    records = standard_records(ev)
+    assert variant_results(ev, records, (0,))["not run"] == ["reference", "feat"]
+    write_variant(ev, "reference", 0.6)
+    write_variant(ev, "feat", 0.8)
+    out = variant_results(ev, records, (0,))
+    feat, reference = out["variants"]["feat"], out["variants"]["reference"]
+    assert reference["gain 0->16"]["difference"] == pytest.approx(0.1)
+    assert feat["gain 0->16"]["difference"] == pytest.approx(0.3)
+    assert feat["vs reference 0->16"]["difference"] == pytest.approx(0.2)
+    assert feat["vs reference 0->16"]["ci_low"] > 0  # 8 of 40 images flip, none back, in each task
+    # gap at 16: matched model 0.9 against 0.5, taken from the standard records
+    assert feat["closure"]["fraction"] == pytest.approx(0.3 / 0.4)
+    assert reference["closure"]["fraction"] == pytest.approx(0.1 / 0.4)
+    assert "| feat | +30.00" in render_extra(out, {"not run": "x"})
+
+
+def test_pyra_endpoint_picks_the_rate_on_val_and_pools_whole_seeds(ev):
+    assert pyra_results(ev, (0,)) == {"not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
+    accuracy = {"lora": 0.5, "pyra": 0.7}
+    for task in ev.p.tasks:
+        for method, lr in ev.pyra_arms():
+            model = ev.pyra_path(task, 0, method, lr)
+            write(ev._pyra_record(model), {
+                "task": task, "seed": 0, "method": method, "modulator_lr": lr, "model": model.name,
+                "val_acc": 0.9 if method == "pyra" else 0.5,
+                "test": {"predictions": predictions(accuracy[method]), "labels": LABELS}})
+    out = pyra_results(ev, (0,))
+    assert out["modulator_lr_chosen"] == {t: ev.p.pyra_modulator_lrs[0] for t in ev.p.tasks}
+    assert out["endpoint"]["difference"] == pytest.approx(0.2)
+    assert out["endpoint"]["accuracy_a"] == pytest.approx(0.5)
+    assert np.isfinite(out["endpoint"]["ci_low"]) and out["endpoint"]["ci_low"] > 0
+    assert "**+20.00" in render_extra({"not run": [], "variants": {}}, out)
+
+
+def test_the_command_line_accepts_every_stage():
+    from tocom.cli import build_parser
+    from tocom.experiments.evidence import STAGES
+
+    args = build_parser().parse_args(["experiment", "all", "--stage", *STAGES])
+    assert tuple(args.stage) == STAGES
+
+
+def test_deit_augmentation_survives_posterize_at_full_magnitude():
+    """RandAugment's increasing posterize keeps 0 bits at magnitude 10, which recent Pillow refuses."""
+    from PIL import Image
+
+    from tocom.data import train_transform
+
+    transform = train_transform("deit", img_size=32)
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", [])
+           if op.name.startswith("Posterize")]
+    assert ops, "the DeiT recipe lost its posterize op"
+    image = Image.new("RGB", (40, 40), (200, 120, 30))
+    black = ops[0].aug_fn(image, *ops[0].level_fn(10.0, ops[0].hparams))
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    for op in ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0  # always, at full strength
+    assert transform(image).shape == (3, 32, 32)
