@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slo-factor", type=float, default=2.5)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-ongoing", type=int, default=24, help="requests a replica holds before 503")
+    p.add_argument("--margin", type=float, default=0.85, help="elastic: share of the SLO predictions may use")
+    p.add_argument("--patience", type=int, default=3, help="elastic: batches of slack before stepping down")
     # One of the two cores of a small machine is left to the HTTP path (client, proxy, decoding):
     # with both given to torch, that path, not the model, bounded every service alike.
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
@@ -269,7 +271,8 @@ def main() -> None:
     degrees = tuple(int(d) for d in args.degrees.split(","))
     base = ServeConfig(model=model, checkpoint=checkpoint, max_batch=args.max_batch, batch_wait_ms=5,
                        max_ongoing=args.max_ongoing, max_queued=64, replica_cpus=0.5, threads=args.threads,
-                       slo_ms=args.slo_ms or 1000.0, max_body_mb=1)
+                       slo_ms=args.slo_ms or 1000.0, max_body_mb=1, margin=args.margin,
+                       patience=args.patience)
     with socket.socket() as s:  # a free loopback port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -279,7 +282,8 @@ def main() -> None:
     result: dict = {"smoke": args.smoke, "model": model, "checkpoint": checkpoint, "plugin": plugin,
                     "commit": commit(), "machine": {"node": platform.node(), "cpus": os.cpu_count()},
                     "ray": ray.__version__, "threads": args.threads, "max_batch": args.max_batch,
-                    "max_ongoing": args.max_ongoing, "duration_s": args.duration_s, "steps": []}
+                    "max_ongoing": args.max_ongoing, "margin": args.margin, "patience": args.patience,
+                    "duration_s": args.duration_s, "steps": []}
     try:
         prefixes = {"fixed r=0": "/fixed0", "fixed r=16": "/fixed16", "elastic": "/elastic"}
         fixed0 = lambda slo: build_app(replace(base, fixed_degree=0, slo_ms=slo))
