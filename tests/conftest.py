@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from tocom.data import shared_dir
+from tocom.data import shared_dir, write_vtab
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning
 # makes them 30x slower; subprocesses inherit the same setting through OMP_NUM_THREADS.
@@ -45,3 +45,11 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real weights and data live in {SHARED}, which is absent (set TOCOM_SHARED)")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def vtab_task(tmp_path_factory) -> Path:
+    """A tiny generated VTAB-1k task (``shape``, 32 px, 12 train / 6 val / 6 test) for fine-tuning."""
+    root = tmp_path_factory.mktemp("vtab_task")
+    write_vtab("shape", root / "task", seed=0, image_size=32, n_train=12, n_val=6, n_test=6)
+    return root / "task"

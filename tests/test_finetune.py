@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from torch.utils.data import TensorDataset
 
 import tocom
 from tocom.cli import main
-from tocom.data import write_vtab
 from tocom.finetuned import checkpoint_metadata, load_model
 from tocom.jobs.finetune import ClassifyObjective, add_method, run_finetune
 from tocom.peft import add_lora, fold
@@ -26,12 +24,6 @@ FINETUNE_METHODS = ("full", "lora", "adaptformer", "pyra")
 G = torch.Generator().manual_seed(0)
 IMAGES, LABELS = torch.randn(32, 3, 32, 32, generator=G), torch.randint(0, 4, (32,), generator=G)
 
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ft")
-    write_vtab("shape", root / "task", seed=0, image_size=32, n_train=12, n_val=6, n_test=6)
-    return root / "task"
 
 
 def tuned(method: str, r=2) -> torch.nn.Module:
@@ -72,28 +64,28 @@ def test_lora_fold_gives_the_same_outputs():
     assert torch.allclose(unfolded, folded, atol=1e-5)
 
 
-def finetune(task, tmp_path, **kw):
+def finetune(vtab_task, tmp_path, **kw):
     args = dict(method="pyra", r="2", epochs=2, batch_size=4, num_workers=0, progress=False,
                 out=tmp_path / "out.safetensors")
     args.update(kw)
     if "checkpoint" not in args:  # (setdefault would rewrite a caller's file of the same name)
         args["checkpoint"] = tiny_checkpoint(tmp_path)
-    return run_finetune("vit_tiny_patch16_224", task, **args)
+    return run_finetune("vit_tiny_patch16_224", vtab_task, **args)
 
 
-def test_resumed_finetune_equals_uninterrupted(task, tmp_path):
-    full, _ = finetune(task, tmp_path / "a")
-    killed, _ = finetune(task, tmp_path / "b", stop_after=3)
+def test_resumed_finetune_equals_uninterrupted(vtab_task, tmp_path):
+    full, _ = finetune(vtab_task, tmp_path / "a")
+    killed, _ = finetune(vtab_task, tmp_path / "b", stop_after=3)
     assert not (tmp_path / "b" / "out.safetensors").exists()  # no output before the last step
-    resumed, recipe = finetune(task, tmp_path / "b", resume=True)
+    resumed, recipe = finetune(vtab_task, tmp_path / "b", resume=True)
     a, b = load_file(tmp_path / "a" / "out.safetensors"), load_file(tmp_path / "b" / "out.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in killed.state_dict().items())
     assert recipe["steps_done"] == recipe["steps"] == 6
 
 
-def test_new_head_metadata_and_refused_schedules(task, tmp_path):
-    model, recipe = finetune(task, tmp_path, checkpoint=tiny_checkpoint(tmp_path, num_classes=10),
+def test_new_head_metadata_and_refused_schedules(vtab_task, tmp_path):
+    model, recipe = finetune(vtab_task, tmp_path, checkpoint=tiny_checkpoint(tmp_path, num_classes=10),
                              method="adaptformer", r="1,2", epochs=1)
     assert recipe["new_head"] and model.num_classes == 6 and recipe["val_acc"] is not None
     meta = checkpoint_metadata(tmp_path / "out.safetensors")
@@ -101,24 +93,24 @@ def test_new_head_metadata_and_refused_schedules(task, tmp_path):
     assert json.loads(meta["schedule"]) == [1, 2, 0, 0] and json.loads(meta["source_degree"]) is None
     assert json.loads(meta["peft"]) == {"bottleneck": 32, "scale": 0.1}
     with pytest.raises(ValueError, match="clamped at block 1"):
-        finetune(task, tmp_path, r="8", method="pyra")  # PYRA's weights are per pair: never clamp
-    clamped, _ = finetune(task, tmp_path, r="8", method="full", epochs=1)  # ToMe clamps as defined
+        finetune(vtab_task, tmp_path, r="8", method="pyra")  # PYRA's weights are per pair: never clamp
+    clamped, _ = finetune(vtab_task, tmp_path, r="8", method="full", epochs=1)  # ToMe clamps as defined
     assert clamped.effective_schedule() == [8, 4, 2, 1]
     with pytest.raises(ValueError, match="pass method="):
-        finetune(task, tmp_path, method=None)
+        finetune(vtab_task, tmp_path, method=None)
     plain = load_model("vit_tiny_patch16_224", tiny_checkpoint(tmp_path))
     assert not tocom.models.is_patched(plain)  # plain checkpoints load as the timm model
 
 
 @pytest.mark.parametrize("method", FINETUNE_METHODS)
-def test_cli_finetune_then_eval(method, task, tmp_path, capsys):
+def test_cli_finetune_then_eval(method, vtab_task, tmp_path, capsys):
     out = tmp_path / f"{method}.safetensors"
     main(["finetune", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--data",
-          str(task), "--method", method, "--r", "2", "--epochs", "1", "--batch-size", "4", "--rank", "2",
+          str(vtab_task), "--method", method, "--r", "2", "--epochs", "1", "--batch-size", "4", "--rank", "2",
           "--lora-targets", "qv", "--workers", "0", "--out", str(out)])
     assert f"wrote {out}" in capsys.readouterr().out
-    main(["eval", "vit_tiny_patch16_224", "--checkpoint", str(out), "--data", str(task), "--target", "0", "2",
-          "--json", "--workers", "0"])
+    main(["eval", "vit_tiny_patch16_224", "--checkpoint", str(out), "--data", str(vtab_task),
+          "--target", "0", "2", "--json", "--workers", "0"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(row["target"], row["source"]) for row in rows] == [(0, 2), (2, 2)]  # source from metadata
     if method == "pyra":  # bench times the stock model and the fine-tuned one at its schedule
@@ -127,10 +119,10 @@ def test_cli_finetune_then_eval(method, task, tmp_path, capsys):
         assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
-def test_finetune_under_evit_records_it_and_loads_pruning(task, tmp_path, capsys):
+def test_finetune_under_evit_records_it_and_loads_pruning(vtab_task, tmp_path, capsys):
     out = tmp_path / "evit.safetensors"
     main(["finetune", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--data",
-          str(task), "--method", "adaptformer", "--compression", "evit", "--r", "2", "--epochs", "1",
+          str(vtab_task), "--method", "adaptformer", "--compression", "evit", "--r", "2", "--epochs", "1",
           "--batch-size", "4", "--workers", "0", "--out", str(out)])
     assert checkpoint_metadata(out)["compression"] == "evit"
     model = load_model("vit_tiny_patch16_224", out)
@@ -139,5 +131,5 @@ def test_finetune_under_evit_records_it_and_loads_pruning(task, tmp_path, capsys
         model(torch.randn(2, 3, 32, 32))
     assert model.last_state.tokens[-1] == 17 - 2 * len(model.blocks)  # pruned r = 2 per block
     with pytest.raises(ValueError, match="PYRA modulates token merging"):
-        run_finetune("vit_tiny_patch16_224", task, checkpoint=tiny_checkpoint(tmp_path), method="pyra",
+        run_finetune("vit_tiny_patch16_224", vtab_task, checkpoint=tiny_checkpoint(tmp_path), method="pyra",
                      compression="evit", out=tmp_path / "no.safetensors", num_workers=0, progress=False)

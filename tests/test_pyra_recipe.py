@@ -4,19 +4,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_vit
-from test_distill import tiny_checkpoint
+from test_finetune import finetune
 from torch.utils.data import TensorDataset
 
 import tocom
 from tocom.cli import main
-from tocom.data import write_vtab
 from tocom.finetuned import checkpoint_metadata, load_model
-from tocom.jobs.finetune import ClassifyObjective, add_method, run_finetune
+from tocom.jobs.finetune import ClassifyObjective, add_method
 from tocom.pyra import GAUSSIAN_STD, PyraModulator, add_pyra, pyra_parameters
 from tocom.train import TrainConfig, train
 from tocom.train.config import build_optimizer, lr_at
@@ -24,12 +22,6 @@ from tocom.train.config import build_optimizer, lr_at
 G = torch.Generator().manual_seed(0)
 IMAGES, LABELS = torch.randn(16, 3, 32, 32, generator=G), torch.randint(0, 4, (16,), generator=G)
 
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pyra_recipe")
-    write_vtab("shape", root / "task", seed=0, image_size=32, n_train=12, n_val=6, n_test=6)
-    return root / "task"
 
 
 def pyra_lora_model() -> torch.nn.Module:
@@ -96,16 +88,9 @@ def test_modulator_group_gets_its_lr_scale_and_no_decay():
         ClassifyObjective(model, modulator_lr_scale=0.0)
 
 
-def finetune(task, tmp_path, **kw):
-    args = dict(method="pyra", r="2", epochs=2, batch_size=4, num_workers=0, progress=False,
-                out=tmp_path / "out.safetensors", checkpoint=tiny_checkpoint(tmp_path))
-    args.update(kw)
-    return run_finetune("vit_tiny_patch16_224", task, **args)
-
-
-def test_modulator_lr_follows_the_schedule_and_is_recorded(task, tmp_path):
+def test_modulator_lr_follows_the_schedule_and_is_recorded(vtab_task, tmp_path):
     lr = 1e-3
-    finetune(task, tmp_path, lr=lr, modulator_lr=10 * lr, stop_after=1)
+    finetune(vtab_task, tmp_path, lr=lr, modulator_lr=10 * lr, stop_after=1)
     ckpt = torch.load(tmp_path / "out.safetensors.run" / "last.ckpt", weights_only=True)
     groups = ckpt["optimizer"]["param_groups"]
     assert [g["lr_scale"] for g in groups] == [1.0, 1.0, 10.0]
@@ -115,21 +100,21 @@ def test_modulator_lr_follows_the_schedule_and_is_recorded(task, tmp_path):
     assert groups[2]["lr"] / groups[0]["lr"] == pytest.approx(10.0)
 
     with pytest.raises(ValueError, match="cannot resume.*modulator_lr"):
-        finetune(task, tmp_path, lr=lr, modulator_lr=5 * lr, resume=True)
-    _, recipe = finetune(task, tmp_path, lr=lr, modulator_lr=10 * lr, resume=True)
+        finetune(vtab_task, tmp_path, lr=lr, modulator_lr=5 * lr, resume=True)
+    _, recipe = finetune(vtab_task, tmp_path, lr=lr, modulator_lr=10 * lr, resume=True)
     assert recipe["modulator_lr"] == 10 * lr and recipe["lr"] == lr
     assert json.loads(checkpoint_metadata(tmp_path / "out.safetensors")["recipe"])["modulator_lr"] == 10 * lr
     model = load_model("vit_tiny_patch16_224", tmp_path / "out.safetensors")
     assert all(torch.equal(m.norm.weight, torch.ones_like(m.norm.weight)) for m in modulators(model))
 
 
-def test_modulator_lr_is_refused_without_pyra_or_when_not_positive(task, tmp_path, capsys):
+def test_modulator_lr_is_refused_without_pyra_or_when_not_positive(vtab_task, tmp_path, capsys):
     with pytest.raises(ValueError, match="needs method='pyra'"):
-        finetune(task, tmp_path, method="lora", modulator_lr=1e-2)
+        finetune(vtab_task, tmp_path, method="lora", modulator_lr=1e-2)
     for bad in (0.0, -1e-3, float("nan")):
         with pytest.raises(ValueError, match="modulator_lr must be a finite number > 0"):
-            finetune(task, tmp_path, modulator_lr=bad)
+            finetune(vtab_task, tmp_path, modulator_lr=bad)
     with pytest.raises(SystemExit):
-        main(["finetune", "vit_tiny_patch16_224", "--data", str(task), "--method", "lora",
+        main(["finetune", "vit_tiny_patch16_224", "--data", str(vtab_task), "--method", "lora",
               "--modulator-lr", "1e-2", "--out", str(tmp_path / "no.safetensors")])
     assert "needs method='pyra'" in capsys.readouterr().err
