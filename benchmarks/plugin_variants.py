@@ -42,9 +42,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", help="JSON file for the rows and per-image predictions")
     args = p.parse_args()
-    plugins = dict(item.split("=", 1) for item in args.plugin)
     if any("=" not in item for item in args.plugin):
         p.error("--plugin takes NAME=FILE pairs")
+    plugins = dict(item.split("=", 1) for item in args.plugin)
     model = tocom.patch(load_model(args.model, args.checkpoint))
     transform = eval_transform_for(args.checkpoint, model)
     loaders = {split: make_loader(load_dataset(args.data, split, transform), args.batch_size)
@@ -71,10 +71,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         gain = paired_difference(none, right[name])
-        versus = "-" if name == first else _points(paired_difference(right[first], right[name]))
-        row.update(gain=gain.as_dict(), versus_first=None if name == first else
-                   paired_difference(right[first], right[name]).as_dict())
-        print(f"| {name} | {row['scale']:g} | {100 * row['accuracy']:.2f} | {_points(gain)} | {versus} |")
+        versus = None if name == first else paired_difference(right[first], right[name])
+        row.update(gain=gain.as_dict(), versus_first=versus and versus.as_dict())
+        print(f"| {name} | {row['scale']:g} | {100 * row['accuracy']:.2f} | {_points(gain)} | "
+              f"{'-' if versus is None else _points(versus)} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "source": args.source,
                                               "target": args.target, "labels": labels.tolist(),

@@ -253,7 +253,7 @@ class Evidence:
 
     def run_models(self) -> None:
         """``finetune`` then ``predict`` per model, so a run stopped early has whole units of both."""
-        for unit in self._todo("finetune+predict", list(self.models()), self._predicted):
+        for unit in self._todo("finetune+predict", list(self.models()), self._records_of):
             if not self.model_path(*unit).is_file():
                 self._finetune(*unit)
             self._predict(*unit)
@@ -272,11 +272,11 @@ class Evidence:
                      device=self.device, seed=seed, progress=self.progress)
 
     def run_predict(self) -> None:
-        for unit in self._todo("predict", list(self.models()), self._predicted):
+        for unit in self._todo("predict", list(self.models()), self._records_of):
             self._predict(*unit)
 
-    def _predicted(self, unit: tuple[str, int, int]) -> _AllFiles:
-        return _AllFiles(self.model_records(self.model_path(*unit)))
+    def _records_of(self, unit: tuple[str, int, int]) -> list[Path]:
+        return self.model_records(self.model_path(*unit))
 
     def _predict(self, task: str, source: int, seed: int) -> None:
         """The model's missing prediction records: the standard plugins at every target, then each
@@ -284,11 +284,11 @@ class Evidence:
         model_file = self.model_path(task, source, seed)
         jobs = [("standard", self.p.plugin_seeds, list(self.p.targets))]
         jobs += [(v, self.p.variant_seeds, [self.endpoint_target(source)]) for v in self.variant_records()]
+        recipe = json.loads(checkpoint_metadata(model_file).get("recipe", "{}"))
         for variant, plugin_seeds, targets in jobs:
             out = self.predictions_path(model_file, variant)
             if out.is_file():
                 continue
-            recipe = json.loads(checkpoint_metadata(model_file).get("recipe", "{}"))
             record = {"task": task, "source": source, "seed": seed, "model": model_file.name,
                       "model_sha256": self.digest(model_file), "val_acc": recipe.get("val_acc"),
                       "curve": recipe.get("curve"), "variant": variant, "plugins": {},
@@ -310,8 +310,8 @@ class Evidence:
     def run_pyra(self) -> None:
         units = [(task, seed, *arm) for seed in self.p.finetune_seeds for task in self.p.tasks
                  for arm in self.pyra_arms()]
-        done = lambda u: self._pyra_record(self.pyra_path(*u))  # noqa: E731
-        for task, seed, method, lr in self._todo("pyra", units, done):
+        record_of = lambda u: self._pyra_record(self.pyra_path(*u))  # noqa: E731
+        for task, seed, method, lr in self._todo("pyra", units, record_of):
             out = self.pyra_path(task, seed, method, lr)
             run_dir = Path(str(out) + ".run")
             if not out.is_file():
@@ -358,10 +358,18 @@ class Evidence:
         return self._images[key]
 
     def _todo(self, stage: str, units, path_of: Callable) -> Iterator:
-        """This shard's units whose output is missing, with progress and an ETA across them."""
+        """This shard's units with an output missing, with progress and an ETA across them.
+
+        ``path_of(unit)``: the unit's output file, or a list of them (done when all exist).
+        """
         first, count = self.shard
         units = list(units)[first::count]
-        todo = [u for u in units if not path_of(u).is_file()]
+
+        def done(unit) -> bool:
+            paths = path_of(unit)
+            return all(path.is_file() for path in (paths if isinstance(paths, list) else [paths]))
+
+        todo = [u for u in units if not done(u)]
         where = f" (shard {first}/{count})" if count > 1 else ""
         print(f"[{stage}]{where} {len(units) - len(todo)} of {len(units)} units done; {len(todo)} to run")
         start = time.time()
@@ -391,16 +399,6 @@ class Evidence:
         return {"protocol": self.name, **asdict(self.p), "weights_sha256": self.digest(self.weights),
                 "imagenet_sample_sha256": self.digest(self.shared / "data/imagenet-sample"),
                 "tasks_sha256": {t: self.digest(self.task_dir(t)) for t in self.p.tasks}}
-
-
-class _AllFiles:
-    """Stands in a path for :meth:`Evidence._todo`: a unit is done when all its files exist."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-
-    def is_file(self) -> bool:
-        return all(path.is_file() for path in self.paths)
 
 
 def _row(row: EvalRow) -> dict:

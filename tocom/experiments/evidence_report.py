@@ -210,20 +210,19 @@ def pyra_results(ev: Evidence, seeds: tuple[int, ...]) -> dict:
         return np.stack([correctness(r["test"]["predictions"], r["test"]["labels"], r["model"])
                          for r in rows])
 
-    chosen = {}
-    for task in ev.p.tasks:
-        val = {lr: float(np.mean([records[(task, seed, "pyra", lr)]["val_acc"] for seed in seeds]))
-               for method, lr in arms if method == "pyra"}
-        chosen[task] = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller rate
-    lora = {task: runs(task, "lora", None) for task in ev.p.tasks}
-    endpoint = pooled_difference([(lora[t], runs(t, "pyra", chosen[t])) for t in ev.p.tasks])
+    val_acc = {(t, m, lr): float(np.mean([records[(t, seed, m, lr)]["val_acc"] for seed in seeds]))
+               for t in ev.p.tasks for m, lr in arms}
+    pyra_lrs = [lr for method, lr in arms if method == "pyra"]
+    # ties: the smaller rate
+    chosen = {t: max(pyra_lrs, key=lambda lr: (val_acc[(t, "pyra", lr)], -lr)) for t in ev.p.tasks}
+    lora = {t: runs(t, "lora", None) for t in ev.p.tasks}
+    picked = {t: runs(t, "pyra", chosen[t]) for t in ev.p.tasks}
+    endpoint = pooled_difference([(lora[t], picked[t]) for t in ev.p.tasks])
     per_arm = {f"pyra, modulator lr {lr:g}": pooled_difference([(lora[t], runs(t, "pyra", lr))
                                                                 for t in ev.p.tasks]).as_dict()
-               for method, lr in arms if method == "pyra"}
-    per_task = {t: pooled_difference([(lora[t], runs(t, "pyra", chosen[t]))]).as_dict() for t in ev.p.tasks}
-    val_acc = {f"{t} {m}{'' if lr is None else f' mlr {lr:g}'}":
-               float(np.mean([records[(t, seed, m, lr)]["val_acc"] for seed in seeds]))
-               for t in ev.p.tasks for m, lr in arms}
+               for lr in pyra_lrs}
+    per_task = {t: pooled_difference([(lora[t], picked[t])]).as_dict() for t in ev.p.tasks}
+    val_acc = {f"{t} {m}{'' if lr is None else f' mlr {lr:g}'}": v for (t, m, lr), v in val_acc.items()}
     return {"schedule": ev.p.pyra_schedule, "modulator_lr_chosen": chosen, "endpoint": endpoint.as_dict(),
             "per_arm": per_arm, "per_task": per_task, "val_acc": val_acc,
             "seeds": list(seeds)}
