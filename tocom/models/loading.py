@@ -18,7 +18,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(weights_only=True)`` (a ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper is
-    unwrapped).
+    unwrapped). A delta checkpoint (:mod:`tocom.models.delta`) comes back whole.
     """
     path = Path(path)
     if not path.is_file():
@@ -26,11 +26,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        from tocom.models import delta
+
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        return (delta.apply_delta(path, state, meta) if delta.is_delta(meta) else state), meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

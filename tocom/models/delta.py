@@ -1,0 +1,104 @@
+"""Delta checkpoints: a fine-tuned model stored as the tensors that differ from its starting point.
+
+AdaptFormer and PYRA train a few adapters and a head on a frozen backbone, yet a full checkpoint
+repeats the backbone (22 MB for DeiT-Tiny, against about 0.5 MB of adapters and head). A delta
+file keeps only the tensors that differ from a *base* checkpoint, and records the base's file
+name and SHA-256 in its metadata:
+
+    delta_base         path of the base when the delta was written
+    delta_base_sha256  the base's content hash, checked on every load
+    delta_keys         JSON list of every key of the full state dict
+    delta_sources      JSON {key: base key} for tensors the base holds under another name
+                       (AdaptFormer moves ``norm2`` to ``mlp.norm`` and ``mlp.fc1`` to ``mlp.mlp.fc1``)
+
+:func:`tocom.models.loading.read_state_dict` rebuilds the full state dict transparently, so every
+command that takes a checkpoint takes a delta. The base is looked for at its recorded path, then
+under its file name next to the delta, then in the shared folder's ``weights/``; a base whose
+content differs is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from tocom.atomic import atomic_write
+
+BASE, BASE_SHA, KEYS, SOURCES = "delta_base", "delta_base_sha256", "delta_keys", "delta_sources"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_delta(meta: dict[str, str]) -> bool:
+    return BASE_SHA in meta
+
+
+def differs(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is None or a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)
+
+
+def base_source(key: str, value: torch.Tensor, base_state: dict[str, torch.Tensor]) -> str | None:
+    """The base key holding exactly ``value``: ``key`` itself, else any key with equal content."""
+    if not differs(value, base_state.get(key)):
+        return key
+    return next((k for k, v in base_state.items() if not differs(value, v)), None)
+
+
+def write_delta(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict[str, int]:
+    """Write ``checkpoint`` as a delta against ``base`` to ``out`` (atomically).
+
+    Returns counts: ``kept`` and ``total`` tensors, ``bytes`` of the file written.
+    """
+    from safetensors.torch import save_file
+
+    from tocom.models.loading import read_state_dict
+
+    state, meta = read_state_dict(checkpoint)
+    base_state, _ = read_state_dict(base)
+    sources = {k: base_source(k, v, base_state) for k, v in state.items()}
+    kept = {k: v.contiguous() for k, v in state.items() if sources[k] is None}
+    renamed = {k: src for k, src in sources.items() if src is not None and src != k}
+    meta = {k: v for k, v in meta.items() if k not in (BASE, BASE_SHA, KEYS, SOURCES)}
+    meta.update({BASE: str(Path(base).resolve()), BASE_SHA: sha256_file(base),
+                 KEYS: json.dumps(sorted(state)), SOURCES: json.dumps(renamed)})
+    atomic_write(out, lambda tmp: save_file(kept, tmp, metadata=meta))
+    return {"kept": len(kept), "total": len(state), "bytes": Path(out).stat().st_size}
+
+
+def find_base(path: str | Path, meta: dict[str, str]) -> Path:
+    """The base file of the delta at ``path``: its recorded path, else its name beside the delta,
+    else its name under the shared folder's ``weights/`` (:func:`tocom.data.shared_dir`)."""
+    from tocom.data import shared_dir
+
+    recorded = Path(meta[BASE])
+    candidates = [recorded, Path(path).parent / recorded.name, shared_dir() / "weights" / recorded.name]
+    for candidate in candidates:
+        if candidate.is_file() and sha256_file(candidate) == meta[BASE_SHA]:
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"{path} stores only what differs from {recorded.name} (sha256 {meta[BASE_SHA][:16]}...), and no "
+        f"file with that content was found (tried {tried}); put that base checkpoint next to the delta")
+
+
+def apply_delta(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str]
+                ) -> dict[str, torch.Tensor]:
+    """The full state dict of the delta at ``path`` (its tensors ``state``, metadata ``meta``)."""
+    from tocom.models.loading import read_state_dict
+
+    base_state, _ = read_state_dict(find_base(path, meta))
+    keys, sources = json.loads(meta[KEYS]), json.loads(meta.get(SOURCES, "{}"))
+    missing = [k for k in keys if k not in state and sources.get(k, k) not in base_state]
+    if missing:
+        raise ValueError(f"{path}: tensors {missing[:5]} are in neither the delta nor its base")
+    return {k: state[k] if k in state else base_state[sources.get(k, k)] for k in keys}
