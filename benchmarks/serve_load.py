@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     # One of the two cores of a small machine is left to the HTTP path (client, proxy, decoding):
     # with both given to torch, that path, not the model, bounded every service alike.
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--pin", action="store_true",
+                   help="model workers on the last CPU core, this client and the rest of Ray on the others")
     p.add_argument("--loads", default=",".join(map(str, LOADS)), help="multiples of r=0 capacity")
     p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per step")
     p.add_argument("--capacity-s", type=float, default=15.0, help="closed-loop time to measure capacity")
@@ -183,7 +185,9 @@ async def open_loop(url: str, requests, rate: float, seconds: float, max_request
         ok = status == 200
         top = answer["predictions"][0]["index"] if ok else None
         records.append({"status": status, "ms": ms, "correct": top == requests[index][1],
-                        "degree": answer["degree"] if ok else None})
+                        "degree": answer["degree"] if ok else None,
+                        "batch_size": answer["batch_size"] if ok else None,
+                        "compute_ms": answer["compute_ms"] if ok else None})
     return records
 
 
@@ -202,6 +206,10 @@ def summarize(records: list[dict], slo_ms: float, seconds: float) -> dict:
             "slo_attainment": met / max(1, len(records)),  # over all offered requests: a 503 misses
             "goodput_rps": met / seconds,
             "accuracy": sum(r["correct"] for r in answered) / max(1, len(answered)),
+            # where the time goes: a batch's forward against the latency the client saw
+            "mean_batch": float(np.mean([r["batch_size"] for r in answered])) if answered else None,
+            "compute_ms_per_image": float(np.mean([r["compute_ms"] / r["batch_size"] for r in answered]))
+            if answered else None,
             "degrees": dict(sorted(degrees.items(), key=lambda kv: int(kv[0])))}
 
 
@@ -213,6 +221,10 @@ def commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def write_outputs(out: Path, result: dict) -> None:
@@ -231,14 +243,15 @@ def write_outputs(out: Path, result: dict) -> None:
              f"commit `{result['commit']}`.",
              "SLO attainment and goodput count every offered request (a 503 is a miss).", "",
              "| load | service | req/s | p50 ms | p95 ms | p99 ms | SLO met | goodput/s | 503 | accuracy "
-             "| degrees |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| degrees | mean batch | forward ms/image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         degrees = " ".join(f"{d}:{n}" for d, n in s["degrees"].items())
         lines.append(f"| {s['load']}x | {s['service']} | {s['rate_rps']:.1f} | {s['p50_ms']:.0f} "
                      f"| {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {100 * s['slo_attainment']:.1f}% "
                      f"| {s['goodput_rps']:.1f} "
-                     f"| {s['rejected_503']} | {100 * s['accuracy']:.2f}% | {degrees} |")
+                     f"| {s['rejected_503']} | {100 * s['accuracy']:.2f}% | {degrees} "
+                     f"| {_fmt(s.get('mean_batch'))} | {_fmt(s.get('compute_ms_per_image'))} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for name in SERVICES:
@@ -273,6 +286,14 @@ def main() -> None:
                        max_ongoing=args.max_ongoing, max_queued=64, replica_cpus=0.5, threads=args.threads,
                        slo_ms=args.slo_ms or 1000.0, max_body_mb=1, margin=args.margin,
                        patience=args.patience)
+    worker_cores = None
+    if args.pin:  # set before Ray starts: its processes inherit this process's cores
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            raise SystemExit("--pin needs at least 2 CPU cores")
+        worker_cores = (cores[-1],)
+        os.sched_setaffinity(0, cores[:-1])
+        base = replace(base, worker_cores=worker_cores)
     with socket.socket() as s:  # a free loopback port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -281,7 +302,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     result: dict = {"smoke": args.smoke, "model": model, "checkpoint": checkpoint, "plugin": plugin,
                     "commit": commit(), "machine": {"node": platform.node(), "cpus": os.cpu_count()},
-                    "ray": ray.__version__, "threads": args.threads, "max_batch": args.max_batch,
+                    "ray": ray.__version__, "threads": args.threads, "worker_cores": worker_cores,
+                    "max_batch": args.max_batch,
                     "max_ongoing": args.max_ongoing, "margin": args.margin, "patience": args.patience,
                     "duration_s": args.duration_s, "steps": []}
     try:
@@ -315,7 +337,8 @@ def main() -> None:
                 result["steps"].append(row)
                 print(f"{load}x {name}: p95 {row['p95_ms']:.0f} ms, "
                       f"SLO met {100 * row['slo_attainment']:.1f}%, 503 {row['rejected_503']}, "
-                      f"acc {100 * row['accuracy']:.1f}%, degrees {row['degrees']}",
+                      f"acc {100 * row['accuracy']:.1f}%, degrees {row['degrees']}, "
+                      f"batch {row['mean_batch'] or 0:.1f}, {row['compute_ms_per_image'] or 0:.1f} ms/image",
                       flush=True)
                 time.sleep(1.0 if step < 2 else 0.0)  # let the previous service's stragglers finish
     finally:

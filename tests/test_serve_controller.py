@@ -11,7 +11,7 @@ from test_compensator import random_plugin
 
 import tocom
 from tocom.models import is_patched
-from tocom.serve import DegreeController, ElasticModel, LatencyTable, calibrate, completion_ms
+from tocom.serve import ArrivalRate, DegreeController, ElasticModel, LatencyTable, calibrate, completion_ms
 
 # Per-batch ms: linear in batch size; r=0 costs 10 ms/image, r=8 6 ms, r=16 3 ms (+2 ms fixed).
 TABLE = LatencyTable({d: {b: 2 + c * b for b in (1, 2, 4, 8)} for d, c in ((0, 10), (8, 6), (16, 3))})
@@ -131,9 +131,11 @@ def test_serve_command_line_checks_flags():
     from tocom.serve.cli import config_from_args
 
     args = build_parser().parse_args(["serve", "deit_tiny_patch16_224", "--degrees", "0,8,16",
-                                      "--max-replicas", "3"])
+                                      "--max-replicas", "3", "--worker-cores", "1,2"])
     config = config_from_args(args)
     assert config.degrees == (0, 8, 16) and config.max_replicas == 3 and config.host == "127.0.0.1"
+    assert config.worker_cores == (1, 2)
+    assert config_from_args(build_parser().parse_args(["serve", "m"])).worker_cores is None
     with pytest.raises(ValueError, match="--replicas <= --max-replicas"):
         config_from_args(build_parser().parse_args(["serve", "m", "--replicas", "3", "--max-replicas", "2"]))
     with pytest.raises(SystemExit):
@@ -161,3 +163,56 @@ def test_admission_refuses_what_the_fastest_degree_cannot_answer_in_time():
     assert not ctl.admits(30)  # 3 x 26 + (2 + 3 x 7) = 101 ms
     ctl.slowdown = 2.0  # a machine running slower than calibrated admits fewer
     assert ctl.admits(8) and not ctl.admits(15)  # 2 x (26 + 20) = 92; 2 x (26 + 26) = 104
+
+
+def test_arrival_rate_counts_a_sliding_window():
+    rate = ArrivalRate(window_s=2.0, min_span_s=0.5)
+    for i in range(40):  # 20 per second from t = 0 to 1.95
+        rate.add(i * 0.05)
+    assert rate.rate(2.0) == pytest.approx(39 / 1.95)  # t = 0 left the window
+    assert rate.rate(3.0) == pytest.approx(19 / 1.95)  # 1.05 .. 1.95 remain, 1.95 s before now
+    assert rate.rate(10.0) == 0.0
+    # A load that starts after a quiet spell reads at its rate at once, not a quarter of it...
+    for i in range(23):
+        rate.add(20 + i / 45)
+    assert rate.rate(20.5) == pytest.approx(23 / 0.5)
+    # ...while two close arrivals read as two in min_span_s, not as a flood.
+    rate.add(30.0)
+    rate.add(30.01)
+    assert rate.rate(30.01) == pytest.approx(2 / 0.5)
+    with pytest.raises(ValueError, match="min_span_s"):
+        ArrivalRate(window_s=1.0, min_span_s=2.0)
+
+
+@pytest.mark.parametrize("rate, expected", [
+    (50, 0),  # r=0: full batches of 8 take 82 ms, 10.25 ms per image: busy 51% of the time
+    (100, 8),  # r=0 would be busy 102.5% (it cannot keep up); r=8 (6.25 ms per image) 62.5%
+    (200, 16),  # r=8 125%; r=16 (3.25 ms per image) 65%
+    (400, 16),  # nothing keeps up: the fastest
+])
+def test_a_sustained_rate_rules_out_degrees_that_cannot_keep_up(rate, expected):
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, margin=0.85)
+    assert ctl.choose([0], rate_rps=rate) == expected  # an empty queue would have given r=0
+
+
+def test_stepping_down_needs_the_rate_inside_the_hysteresis_band():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, margin=0.85, hysteresis=0.25, patience=2)
+    assert ctl.choose([0], rate_rps=100) == 8
+    # at 70/s r=0 is busy 72% (within the 85% margin, not the 64% band): stay at r=8
+    assert [ctl.choose([0], rate_rps=70) for _ in range(4)] == [8, 8, 8, 8]
+    assert [ctl.choose([0], rate_rps=50) for _ in range(3)] == [8, 0, 0]  # 51%: down after patience
+
+
+def test_pinning_checks_the_cores(monkeypatch):
+    import os
+
+    from tocom.serve.service import pin_thread
+
+    allowed = os.sched_getaffinity(0)
+    with pytest.raises(ValueError, match="cannot pin to cores"):
+        pin_thread([os.cpu_count() + 1000])
+    pin_thread(sorted(allowed))  # the calling thread keeps exactly the cores it had
+    assert os.sched_getaffinity(0) == allowed
+    monkeypatch.delattr(os, "sched_setaffinity")
+    with pytest.raises(ValueError, match="needs Linux"):
+        pin_thread([0])

@@ -26,13 +26,16 @@ import time
 from dataclasses import replace
 
 import ray
+import torch
 from ray import serve
 from ray.serve import metrics
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from tocom.serve.batcher import Batcher
+from tocom.serve.controller import ArrivalRate
 from tocom.serve.images import BadImage
-from tocom.serve.service import ServeConfig, Service
+from tocom.serve.service import ModelWorker, ServeConfig, Service
 
 ROUTES = {"/healthz": ("GET",), "/v1/info": ("GET",), "/v1/classify": ("POST",)}
 ROUTER_SLACK = 64
@@ -43,14 +46,30 @@ def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
-class TocomReplica:
-    """One replica: a :class:`~tocom.serve.service.Service` behind HTTP (see :func:`build_app`)."""
+def cpu_split(replica_cpus: float) -> tuple[float, float]:
+    """Ray CPUs of a replica's HTTP side and of its model worker (a tenth, and the rest)."""
+    front = round(replica_cpus / 10, 4)
+    return front, replica_cpus - front
 
-    def __init__(self, config: ServeConfig):
+
+class TocomReplica:
+    """One replica: a :class:`~tocom.serve.service.Service` behind HTTP (see :func:`build_app`).
+
+    The model runs in a Ray actor of its own, a :class:`~tocom.serve.service.ModelWorker` owned
+    by the replica (it dies with it) in the replica's placement group (so on the same node). In
+    one process, the HTTP side's Python held the GIL often enough to slow the forwards by half
+    under load: a forward at r = 16 is hundreds of small operations, each retaking the GIL.
+    """
+
+    async def __init__(self, config: ServeConfig):
         self.config = config
-        self.service = Service(config)
-        self.batched.set_max_batch_size(config.max_batch)
-        self.batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        torch.set_num_threads(1)  # this side only decodes and resizes; the worker has the threads
+        worker = ray.remote(ModelWorker).options(num_cpus=cpu_split(config.replica_cpus)[1])
+        self._worker = worker.remote(config)
+        self.service = Service(config, await self._worker.describe.remote())
+        # not @serve.batch: it forms batches while one runs, so a busy replica ran batches of 1-2
+        self._batcher = Batcher(self._run_batch, config.max_batch, config.batch_wait_ms / 1000)
+        self._arrivals = ArrivalRate()  # every classify request, refused ones too: the load offered
         self._held: dict[int, float] = {}  # request id -> arrival (perf_counter) of requests accepted here
         self._ids = itertools.count()
         self._requests = metrics.Counter("tocom_requests", "classify requests by HTTP status",
@@ -61,6 +80,12 @@ class TocomReplica:
                                     tag_keys=("met",))
         self._latency = metrics.Histogram("tocom_latency_ms", "arrival at the replica to answer",
                                           boundaries=LATENCY_BOUNDARIES_MS)
+        self._batch_sizes = metrics.Histogram("tocom_batch_size", "requests per batch",
+                                              boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose model worker died is replaced."""
+        await self._worker.ping.remote()
 
     async def __call__(self, request: Request) -> Response:
         path = request.scope["path"]
@@ -95,6 +120,7 @@ class TocomReplica:
         return b"".join(chunks)
 
     async def _classify(self, request: Request) -> Response:
+        self._arrivals.add(time.perf_counter())
         held, controller = len(self._held), self.service.controller
         if held >= self.config.max_ongoing or not controller.admits(held):
             reason = (f"this replica holds {held} requests" if held >= self.config.max_ongoing else
@@ -117,7 +143,7 @@ class TocomReplica:
                 image = await asyncio.to_thread(self.service.preprocess, body)
             except BadImage as err:
                 return _error(400, str(err))
-            result = await self.batched((image, arrival, int(k)))
+            result = await self._batcher.submit((image, arrival, int(k)))
         finally:
             del self._held[rid]
         total_ms = (time.perf_counter() - arrival) * 1000
@@ -126,14 +152,18 @@ class TocomReplica:
         self._slo.inc(tags={"met": str(total_ms <= self.config.slo_ms).lower()})
         return JSONResponse(result)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def batched(self, items: list[tuple]) -> list[dict]:
-        """A batch of ``(image (3, H, W), arrival, k)``; the sizes are set per deployment in ``__init__``."""
+    async def _run_batch(self, items: list[tuple]) -> list[dict]:
+        """A batch of ``(image (3, H, W), arrival, k)``, run off the event loop."""
         start = time.perf_counter()
         waits = [(start - t) * 1000 for t in self._held.values()]
         images, arrivals, ks = zip(*items)
-        results = await asyncio.to_thread(self.service.classify, images, waits, ks)
+        degree = self.service.choose(waits, self._arrivals.rate(start))
+        batch = await asyncio.to_thread(lambda: torch.stack(images).numpy())
+        probs, compute_ms = await self._worker.run.remote(batch, degree)
+        batch_ms = (time.perf_counter() - start) * 1000
+        results = self.service.answer(probs, degree, compute_ms, ks, batch_ms)
         self._degrees.inc(tags={"degree": str(results[0]["degree"])})
+        self._batch_sizes.observe(len(items))
         for result, arrival in zip(results, arrivals):
             result["queue_ms"] = round((start - arrival) * 1000, 3)
         return results
@@ -141,11 +171,15 @@ class TocomReplica:
 
 def deployment_options(config: ServeConfig) -> dict:
     """Ray Serve options of the deployment (replicas, autoscaling, backpressure, CPUs)."""
+    front, worker = cpu_split(config.replica_cpus)
     options = {
         # Room for the excess, so that replicas refuse it with Retry-After instead of Ray's router.
         "max_ongoing_requests": config.max_ongoing + ROUTER_SLACK,
         "max_queued_requests": config.max_queued,
-        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        "ray_actor_options": {"num_cpus": front},
+        # the replica in the first bundle, its model worker (a child actor) in the second, one node
+        "placement_group_bundles": [{"CPU": front}, {"CPU": worker}],
+        "placement_group_strategy": "STRICT_PACK",
         "health_check_period_s": 5,
         # Ray logs a line per request to files unless told not to; requests write nothing by default.
         "logging_config": {"enable_access_log": config.access_log},

@@ -12,14 +12,19 @@ from tocom.serve.calibrate import DEFAULT_DEGREES
 from tocom.serve.service import ServeConfig
 
 
-def _degrees(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"degrees: integers such as 0,4,8, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"degrees must be >= 0, got {text!r}")
-    return values
+def _int_list(what: str, example: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}: integers such as {example}, got {text!r}") from None
+        if not values or min(values) < 0:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 0, got {text!r}")
+        return values
+    return parse
+
+
+_degrees = _int_list("degrees", "0,4,8")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,6 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-replicas", type=int, help="> --replicas turns on Ray Serve autoscaling")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: --replica-cpus)")
+    p.add_argument("--worker-cores", type=_int_list("cores", "1 or 2,3"),
+                   help="pin the model workers to these CPU cores, e.g. 1 or 2,3 (Linux; default: any)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--classes", help="text file of class names, one per line, in label order")
     p.add_argument("--max-body-mb", type=float, default=10.0)
@@ -76,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         slo_ms=args.slo_ms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         max_ongoing=args.max_ongoing, max_queued=args.max_queued, replicas=args.replicas,
         max_replicas=max_replicas, replica_cpus=args.replica_cpus, threads=args.threads, device=args.device,
+        worker_cores=tuple(args.worker_cores) if args.worker_cores else None,
         classes=absolute(args.classes), max_body_mb=args.max_body_mb, top_k=args.top_k,
         recalibrate=args.recalibrate, access_log=args.access_log, host=args.host, port=args.port,
         route_prefix=args.route_prefix)

@@ -7,7 +7,11 @@ see :mod:`tocom.serve.calibrate`) and the waits of the requests a replica holds:
 * the batch about to run and the requests queued behind it are served first-in first-out, in
   batches of at most ``max_batch``, all at the degree being considered;
 * a degree *fits* when every one of those requests is predicted to finish within
-  ``margin * slo_ms`` of its arrival;
+  ``margin * slo_ms`` of its arrival, and, given the recent arrival rate, it keeps up: full
+  batches at that degree would keep the model busy at most ``margin`` of the time. The queue
+  alone looks only at requests already here; under a sustained load above a degree's capacity
+  the queue is short at first and grows, so without the rate the controller picks a slow degree,
+  falls behind, and pays for it in a backlog later;
 * the controller raises the degree at once when the current one does not fit, and lowers it only
   after ``patience`` consecutive batches in which a lower degree fits even ``hysteresis`` below
   the budget, so that it does not flap around a boundary;
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -88,6 +93,37 @@ def completion_ms(table: LatencyTable, degree: int, waits_ms: Sequence[float], m
     return worst
 
 
+class ArrivalRate:
+    """Requests per second over the last ``window_s`` seconds (times in seconds).
+
+    A load that began less than a window ago is measured over the time since its first arrival
+    (at least ``min_span_s``, so that two close arrivals do not read as a flood): a full window
+    would see it at a fraction of its rate for a whole window.
+    """
+
+    def __init__(self, window_s: float = 2.0, min_span_s: float = 0.5):
+        if not 0 < min_span_s <= window_s:
+            raise ValueError(f"need 0 < min_span_s <= window_s, got {min_span_s}, {window_s}")
+        self.window_s, self.min_span_s = window_s, min_span_s
+        self._times: deque[float] = deque()
+
+    def add(self, t: float) -> None:
+        """Record an arrival at time ``t`` (non-decreasing, e.g. ``time.perf_counter()``)."""
+        self._times.append(t)
+        self._forget(t)
+
+    def rate(self, now: float) -> float:
+        """Arrivals per second in the window ending at ``now``."""
+        self._forget(now)
+        if not self._times:
+            return 0.0
+        return len(self._times) / min(self.window_s, max(self.min_span_s, now - self._times[0]))
+
+    def _forget(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.window_s:
+            self._times.popleft()
+
+
 @dataclass
 class DegreeController:
     """Picks the degree of each batch (see the module docstring for the policy).
@@ -123,22 +159,32 @@ class DegreeController:
         if self.degree not in self.table.ms:
             self.degree = self.table.degrees[0]
 
-    def least_fitting(self, waits_ms: Sequence[float], budget_ms: float) -> int:
-        """The smallest degree whose predicted completion is within ``budget_ms`` (else the largest)."""
+    def utilisation(self, degree: int, rate_rps: float) -> float:
+        """Share of the time full batches at ``degree`` keep the model busy at ``rate_rps`` arrivals."""
+        per_image_ms = self.slowdown * self.table.predict(degree, self.max_batch) / self.max_batch
+        return rate_rps * per_image_ms / 1000
+
+    def least_fitting(self, waits_ms: Sequence[float], budget_ms: float, rate_rps: float = 0.0,
+                      share: float = 1.0) -> int:
+        """The smallest degree whose predicted completion is within ``budget_ms`` and whose
+        utilisation at ``rate_rps`` is at most ``share`` (else the largest)."""
         for degree in self.table.degrees:
-            if completion_ms(self.table, degree, waits_ms, self.max_batch, self.slowdown) <= budget_ms:
+            if (self.utilisation(degree, rate_rps) <= share and
+                    completion_ms(self.table, degree, waits_ms, self.max_batch, self.slowdown) <= budget_ms):
                 return degree
         return self.table.degrees[-1]
 
-    def choose(self, waits_ms: Sequence[float]) -> int:
-        """The degree for the next batch; ``waits_ms`` of every held request, oldest first."""
+    def choose(self, waits_ms: Sequence[float], rate_rps: float = 0.0) -> int:
+        """The degree for the next batch; ``waits_ms`` of every held request, oldest first;
+        ``rate_rps``: requests arriving per second lately (0: judge by the queue alone)."""
         waits = sorted(waits_ms, reverse=True)
         budget = self.margin * self.slo_ms
-        target = self.least_fitting(waits, budget)
+        target = self.least_fitting(waits, budget, rate_rps, self.margin)
         if target > self.degree:
             self.degree, self._streak = target, 0
         elif target < self.degree:
-            relaxed = self.least_fitting(waits, (1 - self.hysteresis) * budget)
+            band = 1 - self.hysteresis
+            relaxed = self.least_fitting(waits, band * budget, rate_rps, band * self.margin)
             if relaxed < self.degree:
                 # Step down to the most cautious degree seen during the streak, not the latest.
                 self._candidate = relaxed if self._streak == 0 else max(self._candidate, relaxed)

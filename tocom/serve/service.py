@@ -1,22 +1,26 @@
 """What one replica does, without Ray: load the model, calibrate, pick a degree per batch, answer.
 
-:mod:`tocom.serve.app` wraps a :class:`Service` in a Ray Serve deployment; anything else that can
-form batches (a plain asyncio server, a queue worker) can drive it the same way.
+A :class:`ModelWorker` holds the model; a :class:`Service` holds the rest (preprocessing, the
+degree controller, the answers) and either owns a worker in its own process or is told about one
+running elsewhere. :mod:`tocom.serve.app` wraps them in a Ray Serve deployment; anything else that
+can form batches (a plain asyncio server, a queue worker) can drive them the same way.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tocom.data import transform_from_record
 from tocom.finetuned import recorded_preprocessing
 from tocom.serve.calibrate import DEFAULT_DEGREES, calibrate, distinct_degrees
-from tocom.serve.controller import DegreeController
+from tocom.serve.controller import DegreeController, LatencyTable
 from tocom.serve.elastic import ElasticModel
 from tocom.serve.images import class_names, decode_image
 
@@ -41,6 +45,7 @@ class ServeConfig:
     max_replicas: int = 1
     replica_cpus: float = 1.0
     threads: int | None = None  # torch threads per replica (default: its CPUs)
+    worker_cores: tuple[int, ...] | None = None  # Linux CPU cores the model workers are pinned to
     device: str = "cpu"
     classes: str | None = None
     max_body_mb: float = 10.0
@@ -78,55 +83,129 @@ def load_elastic(config: ServeConfig) -> tuple[ElasticModel, dict[str, str]]:
     return ElasticModel(model, degrees, plugin, source, config.scale), meta
 
 
-class Service:
-    """One replica's model, preprocessing, latency table and degree controller."""
+def pin_thread(cores: Sequence[int]) -> None:
+    """Pin the calling thread, and threads it starts later, to ``cores`` (Linux CPU numbers).
+
+    On a small machine the forward shares cores with the HTTP proxy, the clients and the
+    replica's own request handling; the scheduler's preemptions cost a DeiT-Tiny r = 0 forward a
+    fifth of its speed under load (2-core CPU), which pinning the model to a core of its own
+    gives back.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("pinning the model worker to cores needs Linux (os.sched_setaffinity)")
+    cpus = os.cpu_count() or 1
+    if not cores or not all(0 <= c < cpus for c in cores):
+        raise ValueError(f"cannot pin to cores {sorted(cores)}: this machine has cores 0 to {cpus - 1}")
+    try:
+        os.sched_setaffinity(0, set(cores))
+    except OSError as err:
+        raise ValueError(f"cannot pin to cores {sorted(cores)}: {err}") from None
+
+
+class ModelWorker:
+    """The model side of a replica: the elastic model, its latency table, and forwards.
+
+    Under Ray it runs in a process of its own (:mod:`tocom.serve.app`): a forward at high degree
+    is many small operations dispatched from Python, and sharing an interpreter (its GIL) with
+    the HTTP side slowed it by half under load.
+    """
 
     def __init__(self, config: ServeConfig):
-        self.config = config
+        if config.worker_cores:
+            pin_thread(config.worker_cores)  # Ray runs its tasks on this thread
         if config.threads:
             torch.set_num_threads(config.threads)
         self.elastic, meta = load_elastic(config)
         model = self.elastic.model
+        table, calibration = calibrate(model, self.elastic.degrees, config.max_batch,
+                                       set_degree=self.elastic.switch, refresh=config.recalibrate)
+        self.description = {
+            "meta": meta, "preprocessing": recorded_preprocessing(meta, model),
+            "num_classes": int(getattr(model, "num_classes", 0)), "table": table.to_json(),
+            "calibration": calibration, "gflops": dict(self.elastic.gflops),
+            "degrees": list(self.elastic.degrees), "source": self.elastic.source,
+            "degree": self.elastic.degree}
+
+    def ping(self) -> bool:
+        """Liveness, for health checks."""
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """What the front side needs: checkpoint metadata, preprocessing record, latency table..."""
+        return self.description
+
+    def run(self, images: np.ndarray | torch.Tensor, degree: int) -> tuple[np.ndarray, float]:
+        """``images`` (B, 3, H, W) -> (class probabilities (B, num_classes), forward milliseconds)."""
+        start = time.perf_counter()
+        probs = self.elastic.run(torch.as_tensor(images), degree)
+        return probs.numpy(), (time.perf_counter() - start) * 1000
+
+
+class Service:
+    """One replica's front side: preprocessing, the degree controller and the answers.
+
+    Args:
+        config: the deployment's settings.
+        description: a :class:`ModelWorker`'s :meth:`~ModelWorker.describe`, when the worker runs
+            elsewhere (the caller then runs the forwards); without it a worker is built here and
+            :meth:`classify` runs it in this process.
+    """
+
+    def __init__(self, config: ServeConfig, description: dict[str, Any] | None = None):
+        self.config = config
+        self.worker = ModelWorker(config) if description is None else None
+        d = self.worker.describe() if description is None else description
         # exactly what the checkpoint was validated with (squash for VTAB fine-tunes)
-        self.transform = transform_from_record(recorded_preprocessing(meta, model))
-        self.num_classes = int(getattr(model, "num_classes", 0))
-        self.classes = class_names(meta, config.classes, self.num_classes)
-        self.table, self.calibration = calibrate(
-            model, self.elastic.degrees, config.max_batch, set_degree=self.elastic.switch,
-            refresh=config.recalibrate)
+        self.transform = transform_from_record(d["preprocessing"])
+        self.num_classes = d["num_classes"]
+        self.classes = class_names(d["meta"], config.classes, self.num_classes)
+        self.table, self.calibration = LatencyTable.from_json(d["table"]), d["calibration"]
+        self.gflops, self.degrees, self.source = d["gflops"], d["degrees"], d["source"]
         self.controller = DegreeController(self.table, config.slo_ms, config.max_batch, margin=config.margin,
                                            hysteresis=config.hysteresis, patience=config.patience)
-        self.elastic.switch(self.controller.degree)
+        self.degree = d["degree"]  # the degree the worker's weights are folded for
 
     def preprocess(self, body: bytes) -> torch.Tensor:
         """Image bytes -> (3, H, W) model input; :class:`~tocom.serve.images.BadImage` when undecodable."""
         return self.transform(decode_image(body))
 
-    def classify(self, images: Sequence[torch.Tensor], waits_ms: Sequence[float], top_k: Sequence[int]
-                 ) -> list[dict[str, Any]]:
-        """Answer one batch. ``images``: (3, H, W) each; ``waits_ms``: every held request's wait so far
-        (this batch's and those queued behind it); ``top_k``: classes wanted per image."""
-        degree = self.controller.choose(waits_ms)
-        start = time.perf_counter()
-        probs = self.elastic.run(torch.stack(list(images)), degree)
-        compute_ms = (time.perf_counter() - start) * 1000
-        self.controller.observe(degree, len(images), compute_ms)
+    def choose(self, waits_ms: Sequence[float], rate_rps: float = 0.0) -> int:
+        """The degree of the next batch. ``waits_ms``: every held request's wait so far (this
+        batch's and those queued behind it); ``rate_rps``: requests arriving per second lately."""
+        return self.controller.choose(waits_ms, rate_rps)
+
+    def answer(self, probs: np.ndarray | torch.Tensor, degree: int, compute_ms: float, top_k: Sequence[int],
+               batch_ms: float | None = None) -> list[dict[str, Any]]:
+        """The answers of a batch run at ``degree``: ``probs`` (B, num_classes), ``top_k`` per image.
+        ``batch_ms``: what the batch cost the replica (the forward and, for a worker elsewhere, the
+        round trip to it; default ``compute_ms``), which the controller learns from."""
+        self.controller.observe(degree, len(probs), compute_ms if batch_ms is None else batch_ms)
+        self.degree = degree
+        probs = torch.as_tensor(probs)
         out = []
         for p, k in zip(probs, top_k):
             values, indices = p.topk(min(k, p.numel()))
             preds = [{"index": int(i), "label": self.classes[int(i)] if self.classes else None,
                       "probability": round(float(v), 6)} for v, i in zip(values, indices)]
-            out.append({"predictions": preds, "degree": degree,
-                        "gflops": round(self.elastic.gflops[degree], 4), "batch_size": len(images),
-                        "compute_ms": round(compute_ms, 3)})
+            out.append({"predictions": preds, "degree": degree, "gflops": round(self.gflops[degree], 4),
+                        "batch_size": len(probs), "compute_ms": round(compute_ms, 3)})
         return out
+
+    def classify(self, images: Sequence[torch.Tensor], waits_ms: Sequence[float], top_k: Sequence[int],
+                 rate_rps: float = 0.0) -> list[dict[str, Any]]:
+        """Answer one batch in this process: ``images`` (3, H, W) each; see :meth:`choose`."""
+        if self.worker is None:
+            raise RuntimeError("this Service's model runs elsewhere; run the batch there and call answer()")
+        degree = self.choose(waits_ms, rate_rps)
+        probs, compute_ms = self.worker.run(torch.stack(list(images)), degree)
+        return self.answer(probs, degree, compute_ms, top_k)
 
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/info`` answers."""
         c = self.config
-        gflops = {str(d): round(g, 4) for d, g in self.elastic.gflops.items()}
+        gflops = {str(d): round(g, 4) for d, g in self.gflops.items()}
         return {"model": c.model, "checkpoint": c.checkpoint, "plugin": c.plugin,
-                "source": self.elastic.source, "degrees": self.elastic.degrees, "degree": self.elastic.degree,
+                "source": self.source, "degrees": self.degrees, "degree": self.degree,
                 "slowdown": round(self.controller.slowdown, 3),
                 "slo_ms": c.slo_ms, "max_batch": c.max_batch, "gflops": gflops,
                 "latency_ms": self.table.to_json(), "calibration": self.calibration,
