@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_vit
 
 from tocom.cli import main
-from tocom.finetuned import finetune_metadata, load_model
+from tocom.finetuned import checkpoint_metadata, finetune_metadata, load_model
 from tocom.models.loading import read_state_dict, save_model
 from tocom.peft import add_adaptformer
 
@@ -40,7 +40,7 @@ def test_delta_keeps_only_what_changed_and_loads_back_whole(adapted, capsys):
     main(["delta", str(folder / "full.safetensors"), "--base", str(folder / "base.safetensors"),
           "--out", str(folder / "delta.safetensors")])
     assert "differ from" in capsys.readouterr().out
-    raw_keys = set(json.loads(read_state_dict(folder / "delta.safetensors")[1]["delta_keys"]))
+    raw_keys = set(json.loads(checkpoint_metadata(folder / "delta.safetensors")["delta_keys"]))
     full_state, _ = read_state_dict(folder / "full.safetensors")
     assert raw_keys == set(full_state)
     from safetensors import safe_open
@@ -50,7 +50,7 @@ def test_delta_keeps_only_what_changed_and_loads_back_whole(adapted, capsys):
     assert stored and all("adapter" in k or k.startswith("head") for k in stored)  # the backbone is not
     assert (folder / "delta.safetensors").stat().st_size < (folder / "full.safetensors").stat().st_size / 2
     state, meta = read_state_dict(folder / "delta.safetensors")
-    assert meta["method"] == "adaptformer"
+    assert meta["method"] == "adaptformer" and not any(k.startswith("delta_") for k in meta)  # whole now
     assert set(state) == set(full_state) and all(torch.equal(state[k], full_state[k]) for k in state)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -76,3 +76,22 @@ def test_delta_finds_its_base_beside_it_and_refuses_a_wrong_one(adapted, tmp_pat
     shutil.copy(folder / "gone.safetensors", moved / "base.safetensors")  # the real base, beside it
     state, _ = read_state_dict(moved / "delta.safetensors")
     assert torch.equal(state["blocks.0.attn.qkv.weight"], tiny_vit().state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_a_rebuilt_delta_is_a_plain_state_dict_and_bad_outputs_are_refused(adapted):
+    from tocom.models.delta import write_delta
+
+    folder, _ = adapted
+    full, base, delta = (folder / f"{n}.safetensors" for n in ("full", "base", "delta"))
+    first = write_delta(full, base, delta)
+    state, _ = read_state_dict(delta)
+    pointers = [t.data_ptr() for t in state.values()]
+    assert len(set(pointers)) == len(pointers)  # equal base tensors (unit norms) are not one object
+    again = folder / "again.safetensors"
+    save_model(load_model(NAME, delta), again, NAME, KWARGS, checkpoint_metadata(full))
+    second = write_delta(again, base, folder / "delta2.safetensors")  # from a rebuilt delta
+    assert second["kept"] == first["kept"] < first["total"]  # the same tensors differ as the first time
+    with pytest.raises(ValueError, match="name it"):
+        write_delta(full, base, folder / "delta.pth")
+    with pytest.raises(ValueError, match="overwrite its own base"):
+        write_delta(full, base, base)

@@ -193,3 +193,8 @@ def test_deployment_options_turn_on_autoscaling_past_replicas():
     assert "num_replicas" not in scaled
     autoscaling = scaled["autoscaling_config"]
     assert autoscaling["min_replicas"] == 1 and autoscaling["max_replicas"] == 4
+    # each replica and its model worker reserve the replica's CPUs together, on one node
+    options = deployment_options(ServeConfig(model=NAME, replica_cpus=2.0))
+    assert options["placement_group_bundles"] == [{"CPU": 0.2}, {"CPU": 1.8}]
+    assert options["ray_actor_options"]["num_cpus"] == 0.2
+    assert options["placement_group_strategy"] == "STRICT_PACK"

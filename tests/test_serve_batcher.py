@@ -72,7 +72,9 @@ def test_steady_arrivals_under_a_slow_model_fill_the_batches():
     sizes = [len(b) for b in batches]
     assert max(sizes) <= 8 and sum(sizes) == 48
     assert answers == [10 * i for i in range(48)]
-    assert sum(sizes[1:]) / len(sizes[1:]) >= 5, sizes  # sleep jitter aside, batches are near full
+    # about 8 arrive per forward; @serve.batch would run batches of 1-2 here. Sleeps overshoot on a
+    # loaded machine, so the bound leaves room for that.
+    assert sum(sizes[1:]) / len(sizes[1:]) >= 3.5, sizes
 
 
 def test_a_failing_batch_fails_only_its_own_requests():
@@ -114,3 +116,27 @@ def test_batcher_checks_its_settings():
         Batcher(SlowModel(), max_batch=0)
     with pytest.raises(ValueError, match="wait_s must be >= 0"):
         Batcher(SlowModel(), max_batch=1, wait_s=-1)
+
+
+def test_a_cancelled_batch_fails_its_requests_and_the_queue_instead_of_hanging():
+    async def scenario():
+        gate, model, batcher, first = await busy_batcher()
+        queued = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.005)
+        batcher._worker.cancel()  # e.g. the replica shutting down mid-batch
+        results = await asyncio.gather(first, queued, return_exceptions=True)
+        gate.set()
+        model.running = 0
+        after = await batcher.submit(7)  # a new worker takes over
+        return results, after
+
+    (first, queued), after = asyncio.run(scenario())
+    assert isinstance(first, RuntimeError) and "interrupted" in str(first)
+    assert isinstance(queued, RuntimeError) and "batcher stopped" in str(queued)
+    assert after == 70
+
+
+def test_a_batcher_moves_to_a_new_event_loop():
+    batcher = Batcher(SlowModel(), max_batch=2)
+    assert asyncio.run(batcher.submit(1)) == 10
+    assert asyncio.run(batcher.submit(2)) == 20  # the first loop is closed; a new worker runs here

@@ -85,8 +85,10 @@ class Analysis:
                                    self._runs(t, target, target, "without", per_plugin=False))
                                   for t in tasks or self.p.tasks])
 
-    def closure(self, source: int, target: int) -> dict:
+    def closure(self, source: int, target: int, kind: str = "selected") -> dict:
         """Fraction of the gap the plugin closes, with a paired percentile bootstrap over (run, image) cells.
+
+        ``kind``: the plugin's scale, ``selected`` on val (the endpoint) or ``fixed``.
 
         Cells of all tasks and runs are resampled together (scipy), which ignores that cells share
         runs: a narrower interval than the seed-aware one of the gain itself.
@@ -94,7 +96,7 @@ class Analysis:
         base, plug, matched = ([], [], [])
         for t in self.p.tasks:
             base.append(self._runs(t, source, target, "without").ravel())
-            plug.append(self._runs(t, source, target, "selected").ravel())
+            plug.append(self._runs(t, source, target, kind).ravel())
             matched.append(self._runs(t, target, target, "without").ravel())  # rows line up with plug
         base, plug, matched = (np.concatenate(x).astype(float) for x in (base, plug, matched))
 
@@ -239,7 +241,10 @@ def analyze(ev: Evidence, out: Path) -> dict:
         f"mismatch gap at {hi}": an.gap(lo, hi),
         f"mismatch gap at {lo}": an.gap(hi, lo),
     }
-    closure = {f"{lo}->{hi}": an.closure(lo, hi), f"{hi}->{lo}": an.closure(hi, lo)}
+    # the endpoint (scale selected on val), then the fixed-scale row beside it
+    kinds = (("selected", ""), ("fixed", " (fixed s)"))
+    closure = {f"{s}->{t}{label}": an.closure(s, t, kind)
+               for kind, label in kinds for s, t in ((lo, hi), (hi, lo))}
     pairs = []
     for source in ev.p.sources:
         for target in ev.p.targets:

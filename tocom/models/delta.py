@@ -47,11 +47,22 @@ def differs(a: torch.Tensor, b: torch.Tensor | None) -> bool:
     return b is None or a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)
 
 
-def base_source(key: str, value: torch.Tensor, base_state: dict[str, torch.Tensor]) -> str | None:
-    """The base key holding exactly ``value``: ``key`` itself, else any key with equal content."""
+def base_source(key: str, value: torch.Tensor, base_state: dict[str, torch.Tensor], renamed: set[str]
+                ) -> str | None:
+    """The base key holding exactly ``value``: ``key`` itself, else one of ``renamed`` (base keys
+    the checkpoint lacks) with equal content, else any with equal content."""
     if not differs(value, base_state.get(key)):
         return key
-    return next((k for k, v in base_state.items() if not differs(value, v)), None)
+    for keys in (renamed, base_state):
+        match = next((k for k in keys if not differs(value, base_state[k])), None)
+        if match is not None:
+            return match
+    return None
+
+
+def strip_delta_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """``meta`` without the delta fields (a rebuilt state dict is whole, not a delta)."""
+    return {k: v for k, v in meta.items() if k not in (BASE, BASE_SHA, KEYS, SOURCES)}
 
 
 def write_delta(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict[str, int]:
@@ -63,12 +74,18 @@ def write_delta(checkpoint: str | Path, base: str | Path, out: str | Path) -> di
 
     from tocom.models.loading import read_state_dict
 
+    out, base = Path(out), Path(base)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"a delta is a safetensors file; name it *.safetensors, not {out.name}")
+    if out.resolve() in (base.resolve(), Path(checkpoint).resolve()):
+        raise ValueError(f"--out {out} would overwrite its own base or checkpoint; write it elsewhere")
     state, meta = read_state_dict(checkpoint)
     base_state, _ = read_state_dict(base)
-    sources = {k: base_source(k, v, base_state) for k, v in state.items()}
-    kept = {k: v.contiguous() for k, v in state.items() if sources[k] is None}
+    lacking = set(base_state) - set(state)
+    sources = {k: base_source(k, v, base_state, lacking) for k, v in state.items()}
+    kept = {k: v.contiguous().clone() for k, v in state.items() if sources[k] is None}
     renamed = {k: src for k, src in sources.items() if src is not None and src != k}
-    meta = {k: v for k, v in meta.items() if k not in (BASE, BASE_SHA, KEYS, SOURCES)}
+    meta = strip_delta_metadata(meta)
     meta.update({BASE: str(Path(base).resolve()), BASE_SHA: sha256_file(base),
                  KEYS: json.dumps(sorted(state)), SOURCES: json.dumps(renamed)})
     atomic_write(out, lambda tmp: save_file(kept, tmp, metadata=meta))
@@ -96,9 +113,23 @@ def apply_delta(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str
     """The full state dict of the delta at ``path`` (its tensors ``state``, metadata ``meta``)."""
     from tocom.models.loading import read_state_dict
 
+    try:
+        keys, sources = json.loads(meta[KEYS]), json.loads(meta.get(SOURCES, "{}"))
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: its delta metadata is incomplete or corrupt ({err!r}); write it again "
+                         "with tocom delta") from None
     base_state, _ = read_state_dict(find_base(path, meta))
-    keys, sources = json.loads(meta[KEYS]), json.loads(meta.get(SOURCES, "{}"))
     missing = [k for k in keys if k not in state and sources.get(k, k) not in base_state]
     if missing:
         raise ValueError(f"{path}: tensors {missing[:5]} are in neither the delta nor its base")
-    return {k: state[k] if k in state else base_state[sources.get(k, k)] for k in keys}
+    used: set[str] = set()
+    full = {}
+    for k in keys:
+        if k in state:
+            full[k] = state[k]
+            continue
+        src = sources.get(k, k)
+        # several keys may share one base tensor (equal content): each gets its own storage
+        full[k] = base_state[src].clone() if src in used else base_state[src]
+        used.add(src)
+    return full

@@ -33,7 +33,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-        return (delta.apply_delta(path, state, meta) if delta.is_delta(meta) else state), meta
+        if delta.is_delta(meta):
+            return delta.apply_delta(path, state, meta), delta.strip_delta_metadata(meta)
+        return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -13,6 +13,7 @@ Plain asyncio, no Ray: any server that can await a coroutine can use it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -43,6 +44,7 @@ class Batcher(Generic[T, R]):
         self._pending: deque[tuple[T, asyncio.Future]] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def queued(self) -> int:
@@ -52,9 +54,11 @@ class Batcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """Queue ``item`` and wait for its result (raises what its batch's handler raised)."""
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._arrived = asyncio.Event()
-            self._worker = loop.create_task(self._run())
+        if self._worker is None or self._worker.done() or self._loop is not loop:
+            self._loop, self._arrived = loop, asyncio.Event()
+            # a fresh context: the worker must not carry the first request's context variables
+            self._worker = contextvars.Context().run(loop.create_task, self._run())
+            self._worker.add_done_callback(self._fail_pending)
         future = loop.create_future()
         self._pending.append((item, future))
         self._arrived.set()
@@ -70,7 +74,7 @@ class Batcher(Generic[T, R]):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
         batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
         return [(item, future) for item, future in batch if not future.done()]  # drop cancelled ones
@@ -86,10 +90,25 @@ class Batcher(Generic[T, R]):
                     raise RuntimeError(f"the batch handler answered {len(results)} results for "
                                        f"{len(batch)} items")
             except Exception as err:  # noqa: BLE001 - it goes to the requests of this batch
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
+                self._fail(batch, err)
                 continue
+            except BaseException as err:  # cancelled (shutdown): no request of it may hang
+                self._fail(batch, RuntimeError(f"the batch was interrupted: {err!r}"))
+                raise
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: Sequence[tuple[T, asyncio.Future]], err: BaseException) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(err)
+
+    def _fail_pending(self, worker: asyncio.Task) -> None:
+        """The worker ended (cancelled, or a bug): the requests still queued must not wait forever."""
+        if worker is not self._worker:  # a newer worker serves the queue
+            return
+        reason = "cancelled" if worker.cancelled() else repr(worker.exception())
+        pending, self._pending = list(self._pending), deque()
+        self._fail(pending, RuntimeError(f"the batcher stopped ({reason}); retry the request"))

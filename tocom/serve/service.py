@@ -137,7 +137,9 @@ class ModelWorker:
     def run(self, images: np.ndarray | torch.Tensor, degree: int) -> tuple[np.ndarray, float]:
         """``images`` (B, 3, H, W) -> (class probabilities (B, num_classes), forward milliseconds)."""
         start = time.perf_counter()
-        probs = self.elastic.run(torch.as_tensor(images), degree)
+        if isinstance(images, np.ndarray):  # Ray hands arrays over read-only; torch wants to own one
+            images = torch.from_numpy(np.require(images, requirements="W"))
+        probs = self.elastic.run(images, degree)
         return probs.numpy(), (time.perf_counter() - start) * 1000
 
 
@@ -181,7 +183,7 @@ class Service:
         round trip to it; default ``compute_ms``), which the controller learns from."""
         self.controller.observe(degree, len(probs), compute_ms if batch_ms is None else batch_ms)
         self.degree = degree
-        probs = torch.as_tensor(probs)
+        probs = torch.tensor(np.asarray(probs))  # a copy: arrays from Ray are read-only
         out = []
         for p, k in zip(probs, top_k):
             values, indices = p.topk(min(k, p.numel()))
