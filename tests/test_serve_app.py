@@ -198,3 +198,5 @@ def test_deployment_options_turn_on_autoscaling_past_replicas():
     assert options["placement_group_bundles"] == [{"CPU": 0.2}, {"CPU": 1.8}]
     assert options["ray_actor_options"]["num_cpus"] == 0.2
     assert options["placement_group_strategy"] == "STRICT_PACK"
+    cuda = deployment_options(ServeConfig(model=NAME, replica_cpus=1.0, device="cuda"))
+    assert cuda["placement_group_bundles"] == [{"CPU": 0.1}, {"CPU": 0.9, "GPU": 1}]

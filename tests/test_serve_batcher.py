@@ -140,3 +140,24 @@ def test_a_batcher_moves_to_a_new_event_loop():
     batcher = Batcher(SlowModel(), max_batch=2)
     assert asyncio.run(batcher.submit(1)) == 10
     assert asyncio.run(batcher.submit(2)) == 20  # the first loop is closed; a new worker runs here
+
+
+def test_requests_that_waited_behind_a_batch_do_not_wait_again():
+    async def scenario():
+        gate = asyncio.Event()
+        model = SlowModel(gate=gate)
+        batcher = Batcher(model, max_batch=8, wait_s=0.3)
+        first = asyncio.create_task(batcher.submit(0))
+        while not model.batches:  # the lone first request waits its 0.3 s, then runs until the gate
+            await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0.35)  # they have waited longer than wait_s behind the running batch
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        gate.set()
+        await asyncio.gather(first, *rest)
+        return loop.time() - opened, model.batches
+
+    elapsed, batches = asyncio.run(scenario())
+    assert batches == [[0], [1, 2, 3]]
+    assert elapsed < 0.2  # not another 0.3 s of waiting for a fuller batch

@@ -52,6 +52,14 @@ def cpu_split(replica_cpus: float) -> tuple[float, float]:
     return front, replica_cpus - front
 
 
+def worker_resources(config: ServeConfig) -> dict[str, float]:
+    """What a replica's model worker reserves: its CPUs, and a GPU when it runs on CUDA."""
+    resources = {"CPU": cpu_split(config.replica_cpus)[1]}
+    if config.device.startswith("cuda"):
+        resources["GPU"] = 1
+    return resources
+
+
 class TocomReplica:
     """One replica: a :class:`~tocom.serve.service.Service` behind HTTP (see :func:`build_app`).
 
@@ -64,7 +72,8 @@ class TocomReplica:
     async def __init__(self, config: ServeConfig):
         self.config = config
         torch.set_num_threads(1)  # this side only decodes and resizes; the worker has the threads
-        worker = ray.remote(ModelWorker).options(num_cpus=cpu_split(config.replica_cpus)[1])
+        need = worker_resources(config)
+        worker = ray.remote(ModelWorker).options(num_cpus=need["CPU"], num_gpus=need.get("GPU", 0))
         self._worker = worker.remote(config)
         self.service = Service(config, await self._worker.describe.remote())
         # not @serve.batch: it forms batches while one runs, so a busy replica ran batches of 1-2
@@ -171,14 +180,14 @@ class TocomReplica:
 
 def deployment_options(config: ServeConfig) -> dict:
     """Ray Serve options of the deployment (replicas, autoscaling, backpressure, CPUs)."""
-    front, worker = cpu_split(config.replica_cpus)
+    front = cpu_split(config.replica_cpus)[0]
     options = {
         # Room for the excess, so that replicas refuse it with Retry-After instead of Ray's router.
         "max_ongoing_requests": config.max_ongoing + ROUTER_SLACK,
         "max_queued_requests": config.max_queued,
         "ray_actor_options": {"num_cpus": front},
         # the replica in the first bundle, its model worker (a child actor) in the second, one node
-        "placement_group_bundles": [{"CPU": front}, {"CPU": worker}],
+        "placement_group_bundles": [{"CPU": front}, worker_resources(config)],
         "placement_group_strategy": "STRICT_PACK",
         "health_check_period_s": 5,
         # Ray logs a line per request to files unless told not to; requests write nothing by default.

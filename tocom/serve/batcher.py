@@ -42,6 +42,7 @@ class Batcher(Generic[T, R]):
         self.max_batch = max_batch
         self.wait_s = wait_s
         self._pending: deque[tuple[T, asyncio.Future]] = deque()
+        self._queued_at: deque[float] = deque()  # loop time each pending item arrived
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,6 +62,7 @@ class Batcher(Generic[T, R]):
             self._worker.add_done_callback(self._fail_pending)
         future = loop.create_future()
         self._pending.append((item, future))
+        self._queued_at.append(loop.time())
         self._arrived.set()
         return await future
 
@@ -69,14 +71,19 @@ class Batcher(Generic[T, R]):
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
-        deadline = loop.time() + self.wait_s
+        # the wait counts from the oldest request's arrival: one that queued behind a running
+        # batch has waited already
+        deadline = self._queued_at[0] + self.wait_s
         while len(self._pending) < self.max_batch and (remaining := deadline - loop.time()) > 0:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
-        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+        size = min(self.max_batch, len(self._pending))
+        batch = [self._pending.popleft() for _ in range(size)]
+        for _ in range(size):
+            self._queued_at.popleft()
         return [(item, future) for item, future in batch if not future.done()]  # drop cancelled ones
 
     async def _run(self) -> None:
@@ -110,5 +117,5 @@ class Batcher(Generic[T, R]):
         if worker is not self._worker:  # a newer worker serves the queue
             return
         reason = "cancelled" if worker.cancelled() else repr(worker.exception())
-        pending, self._pending = list(self._pending), deque()
+        pending, self._pending, self._queued_at = list(self._pending), deque(), deque()
         self._fail(pending, RuntimeError(f"the batcher stopped ({reason}); retry the request"))
