@@ -86,10 +86,10 @@ def write_delta(checkpoint: str | Path, base: str | Path, out: str | Path) -> di
     kept = {k: v.contiguous().clone() for k, v in state.items() if sources[k] is None}
     renamed = {k: src for k, src in sources.items() if src is not None and src != k}
     meta = strip_delta_metadata(meta)
-    meta.update({BASE: str(Path(base).resolve()), BASE_SHA: sha256_file(base),
+    meta.update({BASE: str(base.resolve()), BASE_SHA: sha256_file(base),
                  KEYS: json.dumps(sorted(state)), SOURCES: json.dumps(renamed)})
     atomic_write(out, lambda tmp: save_file(kept, tmp, metadata=meta))
-    return {"kept": len(kept), "total": len(state), "bytes": Path(out).stat().st_size}
+    return {"kept": len(kept), "total": len(state), "bytes": out.stat().st_size}
 
 
 def find_base(path: str | Path, meta: dict[str, str]) -> Path:

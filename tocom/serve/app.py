@@ -129,14 +129,14 @@ class TocomReplica:
         return b"".join(chunks)
 
     async def _classify(self, request: Request) -> Response:
-        self._arrivals.add(time.perf_counter())
+        arrival = time.perf_counter()
+        self._arrivals.add(arrival)
         held, controller = len(self._held), self.service.controller
         if held >= self.config.max_ongoing or not controller.admits(held):
             reason = (f"this replica holds {held} requests" if held >= self.config.max_ongoing else
                       f"behind the {held} requests held here it would miss the {self.config.slo_ms:g} ms SLO")
             return _error(503, f"overloaded: {reason}; retry later",
                           **{"retry-after": str(controller.retry_after_s(held))})
-        arrival = time.perf_counter()
         rid = next(self._ids)
         self._held[rid] = arrival
         try:
@@ -171,7 +171,7 @@ class TocomReplica:
         probs, compute_ms = await self._worker.run.remote(batch, degree)
         batch_ms = (time.perf_counter() - start) * 1000
         results = self.service.answer(probs, degree, compute_ms, ks, batch_ms)
-        self._degrees.inc(tags={"degree": str(results[0]["degree"])})
+        self._degrees.inc(tags={"degree": str(degree)})
         self._batch_sizes.observe(len(items))
         for result, arrival in zip(results, arrivals):
             result["queue_ms"] = round((start - arrival) * 1000, 3)

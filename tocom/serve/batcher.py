@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -41,8 +41,7 @@ class Batcher(Generic[T, R]):
         self.handler = handler
         self.max_batch = max_batch
         self.wait_s = wait_s
-        self._pending: deque[tuple[T, asyncio.Future]] = deque()
-        self._queued_at: deque[float] = deque()  # loop time each pending item arrived
+        self._pending: deque[tuple[T, asyncio.Future, float]] = deque()  # item, future, loop time queued
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,8 +60,7 @@ class Batcher(Generic[T, R]):
             self._worker = contextvars.Context().run(loop.create_task, self._run())
             self._worker.add_done_callback(self._fail_pending)
         future = loop.create_future()
-        self._pending.append((item, future))
-        self._queued_at.append(loop.time())
+        self._pending.append((item, future, loop.time()))
         self._arrived.set()
         return await future
 
@@ -73,42 +71,40 @@ class Batcher(Generic[T, R]):
             await self._arrived.wait()
         # the wait counts from the oldest request's arrival: one that queued behind a running
         # batch has waited already
-        deadline = self._queued_at[0] + self.wait_s
+        deadline = self._pending[0][2] + self.wait_s
         while len(self._pending) < self.max_batch and (remaining := deadline - loop.time()) > 0:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
-        size = min(self.max_batch, len(self._pending))
-        batch = [self._pending.popleft() for _ in range(size)]
-        for _ in range(size):
-            self._queued_at.popleft()
-        return [(item, future) for item, future in batch if not future.done()]  # drop cancelled ones
+        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+        return [(item, future) for item, future, _ in batch if not future.done()]  # drop cancelled ones
 
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
+            items, futures = zip(*batch)
             try:
-                results = await self.handler([item for item, _ in batch])
+                results = await self.handler(list(items))
                 if len(results) != len(batch):
                     raise RuntimeError(f"the batch handler answered {len(results)} results for "
                                        f"{len(batch)} items")
             except Exception as err:  # noqa: BLE001 - it goes to the requests of this batch
-                self._fail(batch, err)
+                self._fail(futures, err)
                 continue
             except BaseException as err:  # cancelled (shutdown): no request of it may hang
-                self._fail(batch, RuntimeError(f"the batch was interrupted: {err!r}"))
+                self._fail(futures, RuntimeError(f"the batch was interrupted: {err!r}"))
                 raise
-            for (_, future), result in zip(batch, results):
+            for future, result in zip(futures, results):
                 if not future.done():
                     future.set_result(result)
 
     @staticmethod
-    def _fail(batch: Sequence[tuple[T, asyncio.Future]], err: BaseException) -> None:
-        for _, future in batch:
+    def _fail(futures: Iterable[asyncio.Future], err: BaseException) -> None:
+        for future in futures:
             if not future.done():
                 future.set_exception(err)
 
@@ -117,5 +113,6 @@ class Batcher(Generic[T, R]):
         if worker is not self._worker:  # a newer worker serves the queue
             return
         reason = "cancelled" if worker.cancelled() else repr(worker.exception())
-        pending, self._pending, self._queued_at = list(self._pending), deque(), deque()
-        self._fail(pending, RuntimeError(f"the batcher stopped ({reason}); retry the request"))
+        futures = [future for _, future, _ in self._pending]
+        self._pending.clear()
+        self._fail(futures, RuntimeError(f"the batcher stopped ({reason}); retry the request"))

@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         slo_ms=args.slo_ms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         max_ongoing=args.max_ongoing, max_queued=args.max_queued, replicas=args.replicas,
         max_replicas=max_replicas, replica_cpus=args.replica_cpus, threads=args.threads, device=args.device,
-        worker_cores=tuple(args.worker_cores) if args.worker_cores else None,
+        worker_cores=args.worker_cores,
         classes=absolute(args.classes), max_body_mb=args.max_body_mb, top_k=args.top_k,
         recalibrate=args.recalibrate, access_log=args.access_log, host=args.host, port=args.port,
         route_prefix=args.route_prefix)
