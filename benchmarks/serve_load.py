@@ -55,11 +55,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-ongoing", type=int, default=24, help="requests a replica holds before 503")
     p.add_argument("--margin", type=float, default=0.85, help="elastic: share of the SLO predictions may use")
     p.add_argument("--patience", type=int, default=3, help="elastic: batches of slack before stepping down")
+    p.add_argument("--lead-ms", default="25",
+                   help="send a batch this long before the model is predicted free ('off': after)")
     # One of the two cores of a small machine is left to the HTTP path (client, proxy, decoding):
     # with both given to torch, that path, not the model, bounded every service alike.
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     p.add_argument("--pin", action="store_true",
                    help="model workers on the last CPU core, this client and the rest of Ray on the others")
+    p.add_argument("--no-request-start", action="store_true",
+                   help="do not send X-Request-Start (replicas then see only their own share of the latency)")
+    p.add_argument("--order", default="fixed0,fixed16,elastic",
+                   help="the order the services are loaded in at each load (fixed0, fixed16, elastic)")
     p.add_argument("--loads", default=",".join(map(str, LOADS)), help="multiples of r=0 capacity")
     p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per step")
     p.add_argument("--capacity-s", type=float, default=15.0, help="closed-loop time to measure capacity")
@@ -75,6 +81,8 @@ def parse_args() -> argparse.Namespace:
         args.slo_ms = args.slo_ms or 150.0  # the tiny model's compute is far below HTTP's own cost
     elif not args.checkpoint:
         p.error("--checkpoint is required (see the docstring for how to make one), or pass --smoke")
+    if sorted(args.order.split(",")) != ["elastic", "fixed0", "fixed16"]:
+        p.error(f"--order must name fixed0, fixed16 and elastic once each, got {args.order!r}")
     args.out = Path(args.out or root / ("runs/serve_smoke/serving" if args.smoke else "docs/results/serving"))
     return args
 
@@ -119,11 +127,16 @@ def load_requests(data: str, n: int, smoke: bool) -> list[tuple[bytes, int]]:
     return out
 
 
-async def post(session, url: str, body: bytes) -> tuple[int, float, dict | None]:
-    """Status, milliseconds and the JSON answer (for a 503: ``{"retry_after": s}``)."""
+async def post(session, url: str, body: bytes, stamp: bool = True) -> tuple[int, float, dict | None]:
+    """Status, milliseconds and the JSON answer (for a 503: ``{"retry_after": s}``).
+
+    ``stamp``: send ``X-Request-Start`` (the send time), as a load balancer in front would, so the
+    replica counts the time spent in Ray's proxy and router against the SLO.
+    """
     start = time.perf_counter()
+    headers = {"X-Request-Start": f"t={time.time():.6f}"} if stamp else None
     try:
-        async with session.post(url, data=body) as response:
+        async with session.post(url, data=body, headers=headers) as response:
             payload = await response.read()
             status = response.status
             retry = response.headers.get("retry-after", "1")
@@ -135,7 +148,7 @@ async def post(session, url: str, body: bytes) -> tuple[int, float, dict | None]
     return status, ms, json.loads(payload) if status == 200 else None
 
 
-async def closed_loop(url: str, requests, concurrency: int, seconds: float) -> float:
+async def closed_loop(url: str, requests, concurrency: int, seconds: float, stamp: bool = True) -> float:
     """Answered requests per second with ``concurrency`` clients sending back to back.
 
     A client told 503 waits the ``Retry-After`` it is given, as a well-behaved client does: resending
@@ -148,7 +161,8 @@ async def closed_loop(url: str, requests, concurrency: int, seconds: float) -> f
     async def client(i: int, session) -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            status, _, answer = await post(session, url, requests[(i * 7919 + done) % len(requests)][0])
+            body = requests[(i * 7919 + done) % len(requests)][0]
+            status, _, answer = await post(session, url, body, stamp)
             done += status == 200
             if status == 503:
                 await asyncio.sleep(min(answer["retry_after"], max(0.0, stop - time.perf_counter())))
@@ -161,8 +175,8 @@ async def closed_loop(url: str, requests, concurrency: int, seconds: float) -> f
         return done / (time.perf_counter() - start)
 
 
-async def open_loop(url: str, requests, rate: float, seconds: float, max_requests: int, seed: int
-                    ) -> list[dict]:
+async def open_loop(url: str, requests, rate: float, seconds: float, max_requests: int, seed: int,
+                    stamp: bool = True) -> list[dict]:
     """Poisson arrivals at ``rate``/s for ``seconds`` (at most ``max_requests``); a record per request."""
     import aiohttp
 
@@ -178,7 +192,7 @@ async def open_loop(url: str, requests, rate: float, seconds: float, max_request
         tasks = []
         for at, index in zip(arrivals, order):
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            tasks.append(asyncio.create_task(post(session, url, requests[index][0])))
+            tasks.append(asyncio.create_task(post(session, url, requests[index][0], stamp)))
         results = await asyncio.gather(*tasks)
     records = []
     for (status, ms, answer), index in zip(results, order):
@@ -187,7 +201,8 @@ async def open_loop(url: str, requests, rate: float, seconds: float, max_request
         records.append({"status": status, "ms": ms, "correct": top == requests[index][1],
                         "degree": answer["degree"] if ok else None,
                         "batch_size": answer["batch_size"] if ok else None,
-                        "compute_ms": answer["compute_ms"] if ok else None})
+                        "compute_ms": answer["compute_ms"] if ok else None,
+                        "replica_ms": answer["total_ms"] - answer["upstream_ms"] if ok else None})
     return records
 
 
@@ -203,6 +218,9 @@ def summarize(records: list[dict], slo_ms: float, seconds: float) -> dict:
             "failed": sum(r["status"] not in (200, 503) for r in records),
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)),
+            # reaching the replica to answer; the rest of "ms" is the client, the proxy and the wire
+            "p95_replica_ms": float(np.percentile([r["replica_ms"] for r in answered], 95))
+            if answered else None,
             "slo_attainment": met / max(1, len(records)),  # over all offered requests: a 503 misses
             "goodput_rps": met / seconds,
             "accuracy": sum(r["correct"] for r in answered) / max(1, len(answered)),
@@ -243,15 +261,16 @@ def write_outputs(out: Path, result: dict) -> None:
              f"commit `{result['commit']}`.",
              "SLO attainment and goodput count every offered request (a 503 is a miss).", "",
              "| load | service | req/s | p50 ms | p95 ms | p99 ms | SLO met | goodput/s | 503 | accuracy "
-             "| degrees | mean batch | forward ms/image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| degrees | mean batch | forward ms/image | p95 at replica ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         degrees = " ".join(f"{d}:{n}" for d, n in s["degrees"].items())
         lines.append(f"| {s['load']}x | {s['service']} | {s['rate_rps']:.1f} | {s['p50_ms']:.0f} "
                      f"| {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {100 * s['slo_attainment']:.1f}% "
                      f"| {s['goodput_rps']:.1f} "
                      f"| {s['rejected_503']} | {100 * s['accuracy']:.2f}% | {degrees} "
-                     f"| {_fmt(s.get('mean_batch'))} | {_fmt(s.get('compute_ms_per_image'))} |")
+                     f"| {_fmt(s.get('mean_batch'))} | {_fmt(s.get('compute_ms_per_image'))} "
+                     f"| {_fmt(s.get('p95_replica_ms'))} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for name in SERVICES:
@@ -285,7 +304,7 @@ def main() -> None:
     base = ServeConfig(model=model, checkpoint=checkpoint, max_batch=args.max_batch, batch_wait_ms=5,
                        max_ongoing=args.max_ongoing, max_queued=64, replica_cpus=0.5, threads=args.threads,
                        slo_ms=args.slo_ms or 1000.0, max_body_mb=1, margin=args.margin,
-                       patience=args.patience)
+                       patience=args.patience, lead_ms=_lead(args.lead_ms))
     worker_cores = None
     if args.pin:  # set before Ray starts: its processes inherit this process's cores
         cores = sorted(os.sched_getaffinity(0))
@@ -305,9 +324,13 @@ def main() -> None:
                     "ray": ray.__version__, "threads": args.threads, "worker_cores": worker_cores,
                     "max_batch": args.max_batch,
                     "max_ongoing": args.max_ongoing, "margin": args.margin, "patience": args.patience,
+                    "lead_ms": base.lead_ms, "order": args.order, "request_start": not args.no_request_start,
                     "duration_s": args.duration_s, "steps": []}
     try:
         prefixes = {"fixed r=0": "/fixed0", "fixed r=16": "/fixed16", "elastic": "/elastic"}
+        stamp = not args.no_request_start
+        by_key = {prefix.strip("/"): name for name, prefix in prefixes.items()}
+        order = [by_key[key] for key in args.order.split(",")]
         fixed0 = lambda slo: build_app(replace(base, fixed_degree=0, slo_ms=slo))
         serve.run(fixed0(base.slo_ms), name="fixed0", route_prefix="/fixed0")
         info = json.loads(_get(f"{url}/fixed0/v1/info"))
@@ -322,23 +345,26 @@ def main() -> None:
         result["calibration"] = {n: json.loads(_get(f"{url}{p}/v1/info"))["latency_ms"]
                                  for n, p in prefixes.items()}
         for prefix in prefixes.values():  # warm every replica (and the proxy's route to it) alike
-            asyncio.run(closed_loop(f"{url}{prefix}/v1/classify", requests, args.max_batch, 1.0))
+            asyncio.run(closed_loop(f"{url}{prefix}/v1/classify", requests, args.max_batch, 1.0, stamp))
         capacity = asyncio.run(closed_loop(f"{url}/fixed0/v1/classify", requests, 2 * args.max_batch,
-                                           args.capacity_s))
+                                           args.capacity_s, stamp))
         result["capacity_rps"] = capacity
         print(f"SLO {slo:.0f} ms, r=0 capacity {capacity:.1f} req/s", flush=True)
         for load in (float(x) for x in args.loads.split(",")):
-            for step, name in enumerate(SERVICES):
+            for step, name in enumerate(order):
                 records = asyncio.run(open_loop(f"{url}{prefixes[name]}/v1/classify", requests,
                                                 load * capacity, args.duration_s, args.max_requests,
-                                                args.seed + int(10 * load)))
+                                                args.seed + int(10 * load), stamp))
                 row = {"load": load, "service": name, "rate_rps": load * capacity,
-                       **summarize(records, slo, args.duration_s)}
+                       **summarize(records, slo, args.duration_s),
+                       # the controller's measured / calibrated forward time at the end of the step
+                       "slowdown": json.loads(_get(f"{url}{prefixes[name]}/v1/info"))["slowdown"]}
                 result["steps"].append(row)
                 print(f"{load}x {name}: p95 {row['p95_ms']:.0f} ms, "
                       f"SLO met {100 * row['slo_attainment']:.1f}%, 503 {row['rejected_503']}, "
                       f"acc {100 * row['accuracy']:.1f}%, degrees {row['degrees']}, "
-                      f"batch {row['mean_batch'] or 0:.1f}, {row['compute_ms_per_image'] or 0:.1f} ms/image",
+                      f"batch {row['mean_batch'] or 0:.1f}, {row['compute_ms_per_image'] or 0:.1f} ms/image, "
+                      f"p95 at replica {row['p95_replica_ms'] or 0:.0f} ms, slowdown {row['slowdown']:.2f}",
                       flush=True)
                 time.sleep(1.0 if step < 2 else 0.0)  # let the previous service's stragglers finish
     finally:
@@ -347,6 +373,10 @@ def main() -> None:
         tmp.cleanup()
     write_outputs(args.out, result)
     print(f"wrote {args.out.with_suffix('.json')}, .md and .png")
+
+
+def _lead(text: str) -> float | None:
+    return None if text.strip().lower() == "off" else float(text)
 
 
 def _get(url: str) -> bytes:

@@ -50,6 +50,8 @@ def test_gain_gap_and_closure_are_the_hand_computed_values(analysis):
     assert analysis.gap(0, 16).difference == pytest.approx(0.2)  # matched model 0.8 vs 0.6
     assert analysis.closure(0, 16)["fraction"] == pytest.approx(0.5)
     assert analysis.closure(0, 16, "fixed")["fraction"] == pytest.approx(0.5)  # fixed s = selected s here
+    closure = analysis.closure(0, 16)
+    assert closure["seeds_ci_low"] <= 0.5 <= closure["seeds_ci_high"] and closure["seeds_no_gap"] < 0.05
     gain = analysis.gain(0, 16)
     assert gain.ci_low > 0  # 5 images of 50 flipped in each of two tasks, none the other way
     assert analysis.gain(16, 0).ci_high <= 0

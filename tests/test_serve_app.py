@@ -125,6 +125,24 @@ def test_classify_answers_documented_fields(service):
     assert status == 200 and len(json.loads(body)["predictions"]) == 5
 
 
+def test_time_before_the_replica_counts_when_a_front_end_stamps_it(service):
+    import time
+
+    port = service["port"]
+    data = image_bytes("PNG", mode="RGB")
+    stamp = {"X-Request-Start": f"t={time.time() - 1.5:.3f}"}  # 1.5 s in a front end's queue
+    status, _, body = request(port, "POST", "/v1/classify", data, stamp)
+    answer = json.loads(body)
+    assert status == 200 and answer["upstream_ms"] >= 1500 and answer["total_ms"] >= answer["upstream_ms"]
+    assert answer["queue_ms"] >= 1500  # the request's wait, as the degree controller sees it
+    # 2.5 s already spent of the 2 s SLO: refused at once rather than answered late
+    late = {"X-Request-Start": str(int((time.time() - 2.5) * 1000))}  # Heroku's milliseconds
+    status, headers, body = request(port, "POST", "/v1/classify", data, late)
+    assert status == 503 and "retry-after" in headers and b"SLO" in body
+    status, _, body = request(port, "POST", "/v1/classify", data, {"X-Request-Start": "t=yesterday"})
+    assert status == 200 and json.loads(body)["upstream_ms"] == 0  # an unreadable stamp is ignored
+
+
 def test_health_info_and_unknown_routes(service):
     port = service["port"]
     assert request(port, "GET", "/healthz")[:1] == (200,)

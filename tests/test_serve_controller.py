@@ -135,7 +135,11 @@ def test_serve_command_line_checks_flags():
     config = config_from_args(args)
     assert config.degrees == (0, 8, 16) and config.max_replicas == 3 and config.host == "127.0.0.1"
     assert config.worker_cores == (1, 2)
-    assert config_from_args(build_parser().parse_args(["serve", "m"])).worker_cores is None
+    default = config_from_args(build_parser().parse_args(["serve", "m"]))
+    assert default.worker_cores is None and default.lead_ms == 25.0
+    assert config_from_args(build_parser().parse_args(["serve", "m", "--lead-ms", "off"])).lead_ms is None
+    with pytest.raises(ValueError, match="--lead-ms must be >= 0 or 'off'"):
+        config_from_args(build_parser().parse_args(["serve", "m", "--lead-ms", "-5"]))
     with pytest.raises(ValueError, match="--replicas <= --max-replicas"):
         config_from_args(build_parser().parse_args(["serve", "m", "--replicas", "3", "--max-replicas", "2"]))
     with pytest.raises(SystemExit):
@@ -163,6 +167,21 @@ def test_admission_refuses_what_the_fastest_degree_cannot_answer_in_time():
     assert not ctl.admits(30)  # 3 x 26 + (2 + 3 x 7) = 101 ms
     ctl.slowdown = 2.0  # a machine running slower than calibrated admits fewer
     assert ctl.admits(8) and not ctl.admits(15)  # 2 x (26 + 20) = 92; 2 x (26 + 26) = 104
+    # 9 requests: 2 x (26 + 5) = 62 ms here, after time spent in front of the replica
+    assert ctl.admits(8, waited_ms=35) and not ctl.admits(8, waited_ms=40)
+
+
+def test_upstream_wait_reads_the_common_stamp_formats():
+    from tocom.serve.upstream import upstream_wait_ms
+
+    now = 1_800_000_000.0
+    assert upstream_wait_ms(None, now) == 0 and upstream_wait_ms("", now) == 0
+    assert upstream_wait_ms("t=1799999999.750", now) == pytest.approx(250)  # nginx: t=${msec}
+    assert upstream_wait_ms("1799999999500", now) == pytest.approx(500)  # milliseconds (Heroku)
+    assert upstream_wait_ms("1799999999900000", now) == pytest.approx(100)  # microseconds
+    assert upstream_wait_ms("t=1800000005", now) == 0  # in the future: clocks disagree
+    assert upstream_wait_ms("t=1799990000", now) == 0  # hours old: not a queue
+    assert upstream_wait_ms("soon", now) == 0
 
 
 def test_arrival_rate_counts_a_sliding_window():

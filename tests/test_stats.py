@@ -157,3 +157,37 @@ def test_bad_input_is_refused_with_a_reason():
         pooled_difference([])
     with pytest.raises(ValueError, match="one run"):
         mcnemar(np.ones((2, 10), bool), np.ones((2, 10), bool))
+
+
+def test_two_stage_means_draw_runs_shared_by_a_strata_arrays():
+    from tocom.report.stats import two_stage_means
+
+    n = 40
+    base = np.zeros((2, n), dtype=bool)
+    plug = np.stack([np.ones(n, bool), np.zeros(n, bool)])  # run 0 closes the whole gap, run 1 none
+    matched = np.ones((2, n), dtype=bool)
+    means = two_stage_means([(base, plug, matched)], n_resamples=4000, seed=1)
+    assert means.shape == (4000, 3)
+    assert (means[:, 0] == 0).all() and (means[:, 2] == 1).all()
+    # each row is constant over images, so only the run draw matters: {0, 0.5, 1} w.p. 1/4, 1/2, 1/4
+    values, counts = np.unique(means[:, 1], return_counts=True)
+    assert values.tolist() == [0.0, 0.5, 1.0]
+    assert counts / counts.sum() == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    # two strata: the pooled mean is their unweighted mean
+    other = two_stage_means([(base, plug, matched), (matched[:, :10], matched[:, :10], matched[:, :10])],
+                            n_resamples=100)
+    assert (other[:, 0] == 0.5).all()
+    with pytest.raises(ValueError, match="share one shape"):
+        two_stage_means([(base, plug[:, :10])])
+
+
+def test_two_stage_interval_is_unchanged_by_the_shared_means_helper():
+    rng = np.random.default_rng(3)
+    a, b = rng.random((3, 200)) < 0.7, rng.random((3, 200)) < 0.75
+    from tocom.report.stats import _two_stage_bootstrap, two_stage_means
+
+    d = b.astype(np.int8) - a.astype(np.int8)
+    low, high = _two_stage_bootstrap([d], 0.95, 2000, 0)
+    means = two_stage_means([(a, b)], n_resamples=2000, seed=0)
+    gain = means[:, 1] - means[:, 0]
+    assert (low, high) == pytest.approx(tuple(np.quantile(gain, [0.025, 0.975])), abs=1e-12)

@@ -147,22 +147,38 @@ def _image_bootstrap(diffs: list[np.ndarray], confidence: float, n_resamples: in
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _two_stage_bootstrap(diffs: list[np.ndarray], confidence: float, n_resamples: int, seed: int):
-    """Runs, then images (crossed), per stratum; percentile interval of the mean over strata."""
+def two_stage_means(strata: Sequence[Sequence[np.ndarray]], n_resamples: int = RESAMPLES,
+                    seed: int = SEED) -> np.ndarray:
+    """Two-stage bootstrap replicates of pooled means: ``(n_resamples, k)``.
+
+    Each stratum is ``k`` arrays of shape ``(S, N)`` (S runs crossed with N images; row ``s`` of
+    every array is the same replicate unit). Each replicate draws S runs and N images with
+    replacement per stratum, shared by that stratum's ``k`` arrays, and gives, for each array, the
+    unweighted mean over strata of its mean over the drawn cells. A statistic of several means (a
+    ratio of two differences, say) is then computed per replicate.
+    """
     rng = np.random.default_rng(seed)
-    pooled = np.zeros(n_resamples)
-    for d in diffs:  # (S, N) int8 in {-1, 0, 1}
-        runs, images = d.shape
+    pooled = np.zeros((n_resamples, len(strata[0])))
+    for arrays in strata:
+        runs, images = arrays[0].shape
+        if any(a.shape != (runs, images) for a in arrays):
+            raise ValueError(f"a stratum's arrays must share one shape, got {[a.shape for a in arrays]}")
         chunk = max(1, _CHUNK_BYTES // (8 * images))  # rows of int64 image draws per block
         for start in range(0, n_resamples, chunk):
             r = min(chunk, n_resamples - start)
             run_draw = rng.integers(0, runs, (r, runs))
             image_draw = rng.integers(0, images, (r, images))
-            # (r, S): each run summed over the image draw; one 1-D gather per run is the fast layout
-            per_run = np.stack([row[image_draw].sum(axis=1, dtype=np.int64) for row in d], axis=1)
-            picked = np.take_along_axis(per_run, run_draw, axis=1)  # (r, S): the drawn runs
-            pooled[start:start + r] += picked.sum(axis=1) / (runs * images)
-    pooled /= len(diffs)
+            for j, a in enumerate(arrays):
+                # (r, S): each run summed over the image draw; one 1-D gather per run is the fast layout
+                per_run = np.stack([row[image_draw].sum(axis=1, dtype=np.int64) for row in a], axis=1)
+                picked = np.take_along_axis(per_run, run_draw, axis=1)  # (r, S): the drawn runs
+                pooled[start:start + r, j] += picked.sum(axis=1) / (runs * images)
+    return pooled / len(strata)
+
+
+def _two_stage_bootstrap(diffs: list[np.ndarray], confidence: float, n_resamples: int, seed: int):
+    """Runs, then images (crossed), per stratum; percentile interval of the mean over strata."""
+    pooled = two_stage_means([(d,) for d in diffs], n_resamples, seed)[:, 0]  # d: (S, N) in {-1, 0, 1}
     low, high = np.quantile(pooled, [(1 - confidence) / 2, (1 + confidence) / 2])
     return float(low), float(high)
 

@@ -32,10 +32,12 @@ from ray.serve import metrics
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tocom.serve.batcher import Batcher
+from tocom.serve.batcher import Batcher, Running
 from tocom.serve.controller import ArrivalRate
 from tocom.serve.images import BadImage
 from tocom.serve.service import ModelWorker, ServeConfig, Service
+from tocom.serve.upstream import HEADER as UPSTREAM_HEADER
+from tocom.serve.upstream import upstream_wait_ms
 
 ROUTES = {"/healthz": ("GET",), "/v1/info": ("GET",), "/v1/classify": ("POST",)}
 ROUTER_SLACK = 64
@@ -77,7 +79,8 @@ class TocomReplica:
         self._worker = worker.remote(config)
         self.service = Service(config, await self._worker.describe.remote())
         # not @serve.batch: it forms batches while one runs, so a busy replica ran batches of 1-2
-        self._batcher = Batcher(self._run_batch, config.max_batch, config.batch_wait_ms / 1000)
+        self._batcher = Batcher(max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000,
+                                start=self._start_batch, lead_s=(config.lead_ms or 0) / 1000)
         self._arrivals = ArrivalRate()  # every classify request, refused ones too: the load offered
         self._held: dict[int, float] = {}  # request id -> arrival (perf_counter) of requests accepted here
         self._ids = itertools.count()
@@ -87,7 +90,8 @@ class TocomReplica:
                                         tag_keys=("degree",))
         self._slo = metrics.Counter("tocom_slo", "answered requests by whether they met the SLO",
                                     tag_keys=("met",))
-        self._latency = metrics.Histogram("tocom_latency_ms", "arrival at the replica to answer",
+        self._latency = metrics.Histogram("tocom_latency_ms",
+                                          "arrival (X-Request-Start, else at the replica) to answer",
                                           boundaries=LATENCY_BOUNDARIES_MS)
         self._batch_sizes = metrics.Histogram("tocom_batch_size", "requests per batch",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64])
@@ -129,10 +133,12 @@ class TocomReplica:
         return b"".join(chunks)
 
     async def _classify(self, request: Request) -> Response:
-        arrival = time.perf_counter()
-        self._arrivals.add(arrival)
+        reached = time.perf_counter()
+        upstream_ms = upstream_wait_ms(request.headers.get(UPSTREAM_HEADER), time.time())
+        arrival = reached - upstream_ms / 1000  # the SLO runs from the front end's stamp, if any
+        self._arrivals.add(reached)
         held, controller = len(self._held), self.service.controller
-        if held >= self.config.max_ongoing or not controller.admits(held):
+        if held >= self.config.max_ongoing or not controller.admits(held, upstream_ms):
             reason = (f"this replica holds {held} requests" if held >= self.config.max_ongoing else
                       f"behind the {held} requests held here it would miss the {self.config.slo_ms:g} ms SLO")
             return _error(503, f"overloaded: {reason}; retry later",
@@ -157,26 +163,32 @@ class TocomReplica:
             del self._held[rid]
         total_ms = (time.perf_counter() - arrival) * 1000
         result["total_ms"] = round(total_ms, 3)
+        result["upstream_ms"] = round(upstream_ms, 3)
         self._latency.observe(total_ms)
         self._slo.inc(tags={"met": str(total_ms <= self.config.slo_ms).lower()})
         return JSONResponse(result)
 
-    async def _run_batch(self, items: list[tuple]) -> list[dict]:
-        """A batch of ``(image (3, H, W), arrival, k)``, run off the event loop."""
+    async def _start_batch(self, items: list[tuple]) -> Running:
+        """Hand a batch of ``(image (3, H, W), arrival, k)`` to the model worker; see :class:`Batcher`."""
         start = time.perf_counter()
         waits = [(start - t) * 1000 for t in self._held.values()]
         images, arrivals, ks = zip(*items)
+        controller = self.service.controller
         degree = self.service.choose(waits, self._arrivals.rate(start))
         batch = await asyncio.to_thread(lambda: torch.stack(images).numpy())
-        probs, compute_ms = await self._worker.run.remote(batch, degree)
-        batch_ms = (time.perf_counter() - start) * 1000
-        results = self.service.answer(probs, degree, compute_ms, ks, batch_ms)
+        answer = self._worker.run.remote(batch, degree)  # queued behind the batch the worker runs now
+        busy_s = (math.inf if self.config.lead_ms is None else
+                  controller.slowdown * controller.table.predict(degree, len(items)) / 1000)
+        return Running(self._answer_batch(answer, degree, arrivals, ks, start), busy_s)
+
+    async def _answer_batch(self, answer, degree: int, arrivals, ks, start: float) -> list[dict]:
+        probs, compute_ms = await answer
+        results = self.service.answer(probs, degree, compute_ms, ks)
         self._degrees.inc(tags={"degree": str(degree)})
-        self._batch_sizes.observe(len(items))
+        self._batch_sizes.observe(len(ks))
         for result, arrival in zip(results, arrivals):
             result["queue_ms"] = round((start - arrival) * 1000, 3)
         return results
-
 
 def deployment_options(config: ServeConfig) -> dict:
     """Ray Serve options of the deployment (replicas, autoscaling, backpressure, CPUs)."""

@@ -27,6 +27,10 @@ def _int_list(what: str, example: str):
 _degrees = _int_list("degrees", "0,4,8")
 
 
+def _lead(text: str) -> float | None:
+    return None if text.strip().lower() == "off" else float(text)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to ``tocom``'s subparsers."""
     p = subparsers.add_parser("serve", help="HTTP service whose degree follows load (tocom[serve])")
@@ -42,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slo-ms", type=float, default=200.0, help="latency objective, arrival to answer")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--lead-ms", type=_lead, default=25.0,
+                   help="send the next batch this long before the model is predicted free, to wait in "
+                        "its queue; 'off': only once the last batch's answers are back")
     p.add_argument("--max-ongoing", type=int, default=32,
                    help="requests a replica holds at once; more get 503 with Retry-After")
     p.add_argument("--max-queued", type=int, default=64,
@@ -73,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"need 1 <= --replicas <= --max-replicas, got {args.replicas}, {max_replicas}")
     if args.max_batch < 1 or args.max_ongoing < 1 or args.max_queued < 0:
         raise ValueError("need --max-batch >= 1, --max-ongoing >= 1 and --max-queued >= 0")
+    if args.lead_ms is not None and args.lead_ms < 0:
+        raise ValueError(f"--lead-ms must be >= 0 or 'off', got {args.lead_ms}")
     if args.slo_ms <= 0 or args.max_body_mb <= 0:
         raise ValueError("need --slo-ms > 0 and --max-body-mb > 0")
     # Replicas run in other processes (other machines on a cluster): hand them absolute paths.
@@ -81,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model, checkpoint=absolute(args.checkpoint), plugin=absolute(args.plugin),
         source=args.source, degrees=tuple(args.degrees), fixed_degree=args.fixed_degree, scale=args.scale,
         slo_ms=args.slo_ms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        lead_ms=args.lead_ms,
         max_ongoing=args.max_ongoing, max_queued=args.max_queued, replicas=args.replicas,
         max_replicas=max_replicas, replica_cpus=args.replica_cpus, threads=args.threads, device=args.device,
         worker_cores=args.worker_cores,

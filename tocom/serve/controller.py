@@ -208,17 +208,20 @@ class DegreeController:
         """The degree with the shortest full-batch forward."""
         return min(self.table.degrees, key=lambda d: self.table.predict(d, self.max_batch))
 
-    def admits(self, held: int) -> bool:
-        """Whether a request arriving behind ``held`` others (FIFO) is predicted to be answered within
-        the SLO at the fastest degree.
+    def admits(self, held: int, waited_ms: float = 0.0) -> bool:
+        """Whether a request arriving behind ``held`` others (FIFO), having already waited
+        ``waited_ms`` before reaching the replica, is predicted to be answered within the SLO at
+        the fastest degree.
 
-        Pessimistic for the batch already running (counted whole), and blind to time spent before
-        the replica (an HTTP proxy's queue): a refusal costs the client a retry, a late answer
-        costs it the SLO anyway.
+        Pessimistic for the batch already running (counted whole). Time spent before the replica
+        (an HTTP proxy's queue) is known only when a front end says so (``X-Request-Start``, see
+        :mod:`tocom.serve.app`): a refusal costs the client a retry, a late answer costs it the
+        SLO anyway.
         """
-        # The newcomer (waited 0) ends the FIFO queue, so the worst completion is its own.
+        # The newcomer ends the FIFO queue, so the worst completion is its own.
         waits = [0.0] * (held + 1)
-        return completion_ms(self.table, self.fastest, waits, self.max_batch, self.slowdown) <= self.slo_ms
+        done_ms = completion_ms(self.table, self.fastest, waits, self.max_batch, self.slowdown)
+        return waited_ms + done_ms <= self.slo_ms
 
     def retry_after_s(self, held: int) -> int:
         """Whole seconds until ``held`` requests drain at the fastest degree (at least 1)."""

@@ -39,6 +39,7 @@ class ServeConfig:
     slo_ms: float = 200.0
     max_batch: int = 16
     batch_wait_ms: float = 5.0
+    lead_ms: float | None = 25.0  # next batch sent this long before the model is free (None: after)
     max_ongoing: int = 32  # requests a replica holds (running or batched) before refusing
     max_queued: int = 64  # requests waiting for a replica in Ray's router (a backstop)
     replicas: int = 1
@@ -176,12 +177,12 @@ class Service:
         batch's and those queued behind it); ``rate_rps``: requests arriving per second lately."""
         return self.controller.choose(waits_ms, rate_rps)
 
-    def answer(self, probs: np.ndarray | torch.Tensor, degree: int, compute_ms: float, top_k: Sequence[int],
-               batch_ms: float | None = None) -> list[dict[str, Any]]:
+    def answer(self, probs: np.ndarray | torch.Tensor, degree: int, compute_ms: float,
+               top_k: Sequence[int]) -> list[dict[str, Any]]:
         """The answers of a batch run at ``degree``: ``probs`` (B, num_classes), ``top_k`` per image.
-        ``batch_ms``: what the batch cost the replica (the forward and, for a worker elsewhere, the
-        round trip to it; default ``compute_ms``), which the controller learns from."""
-        self.controller.observe(degree, len(probs), compute_ms if batch_ms is None else batch_ms)
+        ``compute_ms``: the forward as the worker timed it, which the controller learns from (not
+        the round trip: a pipelined batch also waits in the worker for the one before it)."""
+        self.controller.observe(degree, len(probs), compute_ms)
         self.degree = degree
         probs = torch.tensor(np.asarray(probs))  # a copy: arrays from Ray are read-only
         out = []
