@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
                    help="model workers on the last CPU core, this client and the rest of Ray on the others")
     p.add_argument("--no-request-start", action="store_true",
                    help="do not send X-Request-Start (replicas then see only their own share of the latency)")
+    p.add_argument("--save-records", action="store_true",
+                   help="also write each request's record (status, ms, degree, batch...) to OUT.records.json")
     p.add_argument("--order", default="fixed0,fixed16,elastic",
                    help="the order the services are loaded in at each load (fixed0, fixed16, elastic)")
     p.add_argument("--loads", default=",".join(map(str, LOADS)), help="multiples of r=0 capacity")
@@ -329,6 +331,7 @@ def main() -> None:
     try:
         prefixes = {"fixed r=0": "/fixed0", "fixed r=16": "/fixed16", "elastic": "/elastic"}
         stamp = not args.no_request_start
+        all_records: list[dict] = []
         by_key = {prefix.strip("/"): name for name, prefix in prefixes.items()}
         order = [by_key[key] for key in args.order.split(",")]
         fixed0 = lambda slo: build_app(replace(base, fixed_degree=0, slo_ms=slo))
@@ -360,6 +363,8 @@ def main() -> None:
                        # the controller's measured / calibrated forward time at the end of the step
                        "slowdown": json.loads(_get(f"{url}{prefixes[name]}/v1/info"))["slowdown"]}
                 result["steps"].append(row)
+                if args.save_records:
+                    all_records.append({"load": load, "service": name, "records": records})
                 print(f"{load}x {name}: p95 {row['p95_ms']:.0f} ms, "
                       f"SLO met {100 * row['slo_attainment']:.1f}%, 503 {row['rejected_503']}, "
                       f"acc {100 * row['accuracy']:.1f}%, degrees {row['degrees']}, "
@@ -372,6 +377,8 @@ def main() -> None:
         ray.shutdown()
         tmp.cleanup()
     write_outputs(args.out, result)
+    if args.save_records:
+        args.out.with_suffix(".records.json").write_text(json.dumps(all_records))
     print(f"wrote {args.out.with_suffix('.json')}, .md and .png")
 
 

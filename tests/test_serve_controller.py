@@ -235,3 +235,32 @@ def test_pinning_checks_the_cores(monkeypatch):
     monkeypatch.delattr(os, "sched_setaffinity")
     with pytest.raises(ValueError, match="needs Linux"):
         pin_thread([0])
+
+
+def test_the_cost_of_switching_is_learned_apart_and_charged_to_other_degrees():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, smoothing=0.2)
+    ctl.degree = 16
+    waits = [0.0] * 8
+    assert ctl.least_fitting(waits, 85) == 0  # 82 ms at r=0, no switching cost known yet
+    ctl.observe_switch(10.0)  # the first switch measured is taken as it is
+    assert ctl.switch_ms == 10.0
+    assert ctl.completion(0, waits) == pytest.approx(92) and ctl.completion(16, waits) == pytest.approx(26)
+    assert ctl.least_fitting(waits, 85) == 8  # r=0 no longer fits once the switch is paid: 50 + 10 at r=8
+    ctl.observe_switch(20.0)
+    assert ctl.switch_ms == pytest.approx(12.0)  # smoothed
+    assert ctl.slowdown == 1.0  # switches never read as a slower machine
+
+
+def test_slowdown_is_learned_per_batch_size():
+    ctl = DegreeController(TABLE, slo_ms=100, max_batch=8, smoothing=1.0)
+    assert ctl.slowdown_at(1) == ctl.slowdown == 1.0  # nothing measured yet
+    ctl.observe(0, 1, 24.0)  # a lone request at 2x its calibrated 12 ms
+    assert ctl.slowdown_at(1) == 2.0
+    assert ctl.slowdown == 2.0  # full batches not measured yet: they borrow the nearest bucket
+    ctl.observe(0, 8, 82.0)  # a full batch as calibrated
+    assert ctl.slowdown == 1.0 and ctl.slowdown_at(1) == 2.0
+    assert ctl.slowdown_at(3) == 1.0  # bucket 4, unmeasured: the nearest measured one is 8
+    assert ctl.forward_ms(0, 8) == 82.0 and ctl.forward_ms(0, 1) == 24.0
+    assert ctl.utilisation(0, 50) == pytest.approx(50 * 82 / 8 / 1000)  # full batches' own factor
+    ctl.slowdown = 1.5  # sets every bucket
+    assert ctl.slowdown_at(1) == ctl.slowdown_at(5) == 1.5

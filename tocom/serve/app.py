@@ -177,13 +177,12 @@ class TocomReplica:
         degree = self.service.choose(waits, self._arrivals.rate(start))
         batch = await asyncio.to_thread(lambda: torch.stack(images).numpy())
         answer = self._worker.run.remote(batch, degree)  # queued behind the batch the worker runs now
-        busy_s = (math.inf if self.config.lead_ms is None else
-                  controller.slowdown * controller.table.predict(degree, len(items)) / 1000)
+        busy_s = math.inf if self.config.lead_ms is None else controller.forward_ms(degree, len(items)) / 1000
         return Running(self._answer_batch(answer, degree, arrivals, ks, start), busy_s)
 
     async def _answer_batch(self, answer, degree: int, arrivals, ks, start: float) -> list[dict]:
-        probs, compute_ms = await answer
-        results = self.service.answer(probs, degree, compute_ms, ks)
+        probs, compute_ms, switch_ms = await answer
+        results = self.service.answer(probs, degree, compute_ms, ks, switch_ms)
         self._degrees.inc(tags={"degree": str(degree)})
         self._batch_sizes.observe(len(ks))
         for result, arrival in zip(results, arrivals):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -78,17 +78,19 @@ class LatencyTable:
 
 
 def completion_ms(table: LatencyTable, degree: int, waits_ms: Sequence[float], max_batch: int,
-                  slowdown: float = 1.0) -> float:
+                  slowdown: float | Callable[[int], float] = 1.0, setup_ms: float = 0.0) -> float:
     """Worst predicted time from arrival to answer over requests served FIFO in batches.
 
     ``waits_ms``: how long each held request has waited so far, oldest first; the first
     ``max_batch`` form the batch about to run, the rest queue behind it. ``slowdown`` scales the
-    table's compute times.
+    table's compute times (a number, or a function of the batch size); ``setup_ms`` comes before
+    the first batch (switching to ``degree``).
     """
-    worst, elapsed = 0.0, 0.0
+    factor = slowdown if callable(slowdown) else (lambda _: slowdown)
+    worst, elapsed = 0.0, setup_ms
     for start in range(0, len(waits_ms), max_batch):
         chunk = waits_ms[start:start + max_batch]
-        elapsed += slowdown * table.predict(degree, len(chunk))
+        elapsed += factor(len(chunk)) * table.predict(degree, len(chunk))
         worst = max(worst, max(chunk) + elapsed)
     return worst
 
@@ -136,7 +138,14 @@ class DegreeController:
         hysteresis: a lower degree must fit within ``(1 - hysteresis)`` of the budget to count
             towards stepping down.
         patience: consecutive batches a lower degree must fit before the controller steps down.
-        smoothing: weight of the newest measured forward in the running ``slowdown`` estimate.
+        smoothing: weight of the newest measured forward in the running slowdown estimates
+            (and of the newest switch in ``switch_ms``).
+
+    How much slower than calibrated the forwards run is learned per batch-size bucket (the
+    table's batch sizes): served at light load, lone requests ran 0.9-1.4x their calibrated time
+    and 2-2.7x now and then, and one factor for all sizes, learned from them, was applied to the
+    full batches that decide whether a degree keeps up with the arrival rate. A bucket not yet
+    measured borrows the nearest measured one's factor.
     """
 
     table: LatencyTable
@@ -147,9 +156,10 @@ class DegreeController:
     patience: int = 3
     smoothing: float = 0.2
     degree: int = field(default=-1)
-    slowdown: float = field(default=1.0)
+    switch_ms: float = field(default=0.0)  # measured cost of changing the degree (a plugin's fold)
     _streak: int = field(default=0, repr=False)
     _candidate: int = field(default=0, repr=False)
+    _slowdowns: dict[int, float] = field(default_factory=dict, repr=False)  # batch-size bucket -> factor
 
     def __post_init__(self) -> None:
         if self.slo_ms <= 0 or self.max_batch < 1:
@@ -158,11 +168,38 @@ class DegreeController:
             raise ValueError("need 0 < margin <= 1, 0 <= hysteresis < 1 and patience >= 1")
         if self.degree not in self.table.ms:
             self.degree = self.table.degrees[0]
+        self._buckets = sorted({b for row in self.table.ms.values() for b in row})
+
+    def _bucket(self, batch_size: int) -> int:
+        """The smallest calibrated batch size that holds ``batch_size`` (else the largest)."""
+        return next((b for b in self._buckets if b >= batch_size), self._buckets[-1])
+
+    def slowdown_at(self, batch_size: int) -> float:
+        """Measured / calibrated forward time for batches of ``batch_size`` (1.0 before any measurement)."""
+        bucket = self._bucket(batch_size)
+        if bucket in self._slowdowns:
+            return self._slowdowns[bucket]
+        if not self._slowdowns:
+            return 1.0
+        nearest = min(self._slowdowns, key=lambda b: (abs(math.log2(b / bucket)), b))
+        return self._slowdowns[nearest]
+
+    @property
+    def slowdown(self) -> float:
+        """The slowdown at full batches."""
+        return self.slowdown_at(self.max_batch)
+
+    @slowdown.setter
+    def slowdown(self, value: float) -> None:
+        self._slowdowns = dict.fromkeys(self._buckets, value)
+
+    def forward_ms(self, degree: int, batch_size: int) -> float:
+        """Predicted milliseconds of one forward of ``batch_size`` at ``degree``, as things run now."""
+        return self.slowdown_at(batch_size) * self.table.predict(degree, batch_size)
 
     def utilisation(self, degree: int, rate_rps: float) -> float:
         """Share of the time full batches at ``degree`` keep the model busy at ``rate_rps`` arrivals."""
-        per_image_ms = self.slowdown * self.table.predict(degree, self.max_batch) / self.max_batch
-        return rate_rps * per_image_ms / 1000
+        return rate_rps * self.forward_ms(degree, self.max_batch) / self.max_batch / 1000
 
     def least_fitting(self, waits_ms: Sequence[float], budget_ms: float, rate_rps: float = 0.0,
                       share: float = 1.0) -> int:
@@ -170,7 +207,7 @@ class DegreeController:
         utilisation at ``rate_rps`` is at most ``share`` (else the largest)."""
         for degree in self.table.degrees:
             if (self.utilisation(degree, rate_rps) <= share and
-                    completion_ms(self.table, degree, waits_ms, self.max_batch, self.slowdown) <= budget_ms):
+                    self.completion(degree, waits_ms) <= budget_ms):
                 return degree
         return self.table.degrees[-1]
 
@@ -197,11 +234,28 @@ class DegreeController:
             self._streak = 0
         return self.degree
 
+    def completion(self, degree: int, waits_ms: Sequence[float]) -> float:
+        """:func:`completion_ms` at ``degree`` as things stand: the measured slowdown, and the
+        switch's cost unless ``degree`` is the current one."""
+        setup = self.switch_ms if degree != self.degree else 0.0
+        return completion_ms(self.table, degree, waits_ms, self.max_batch, self.slowdown_at, setup)
+
+    def observe_switch(self, ms: float) -> None:
+        """Fold a measured degree switch (a plugin's delta folded into the weights) into ``switch_ms``.
+
+        Switching costs about as much as a small forward; counted as part of one, it read as a
+        slower machine, every prediction grew, and at light load the controller ran half its
+        batches at high degrees, switching back and forth.
+        """
+        w = self.smoothing
+        self.switch_ms = ms if self.switch_ms == 0 else (1 - w) * self.switch_ms + w * ms
+
     def observe(self, degree: int, batch_size: int, ms: float) -> None:
-        """Fold a measured forward into ``slowdown`` (measured / calibrated, kept within 0.5..4)."""
+        """Fold a measured forward into the slowdown of its batch size's bucket (measured /
+        calibrated, kept within 0.5..4)."""
         ratio = ms / self.table.predict(degree, batch_size)
-        estimate = (1 - self.smoothing) * self.slowdown + self.smoothing * ratio
-        self.slowdown = min(4.0, max(0.5, estimate))
+        estimate = (1 - self.smoothing) * self.slowdown_at(batch_size) + self.smoothing * ratio
+        self._slowdowns[self._bucket(batch_size)] = min(4.0, max(0.5, estimate))
 
     @property
     def fastest(self) -> int:
@@ -220,11 +274,11 @@ class DegreeController:
         """
         # The newcomer ends the FIFO queue, so the worst completion is its own.
         waits = [0.0] * (held + 1)
-        done_ms = completion_ms(self.table, self.fastest, waits, self.max_batch, self.slowdown)
+        done_ms = self.completion(self.fastest, waits)
         return waited_ms + done_ms <= self.slo_ms
 
     def retry_after_s(self, held: int) -> int:
         """Whole seconds until ``held`` requests drain at the fastest degree (at least 1)."""
         batches = math.ceil(held / self.max_batch)
-        batch_ms = self.slowdown * self.table.predict(self.fastest, self.max_batch)
+        batch_ms = self.forward_ms(self.fastest, self.max_batch)
         return max(1, math.ceil(batches * batch_ms / 1000))

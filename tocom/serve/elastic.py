@@ -7,6 +7,7 @@ and the forward that follows it happen under one lock: a forward never sees half
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,7 @@ class ElasticModel:
         # forward that follows it, so no other thread can move the degree in between.
         self._lock = threading.Lock()
         self._degree = -1
+        self.last_switch_ms = 0.0
         self.switch(self.degrees[0])
 
     @property
@@ -71,9 +73,16 @@ class ElasticModel:
             self._switch_locked(degree)
 
     def run(self, images: torch.Tensor, degree: int) -> torch.Tensor:
-        """Class probabilities: ``images`` (B, 3, H, W) -> (B, num_classes), all computed at ``degree``."""
+        """Class probabilities: ``images`` (B, 3, H, W) -> (B, num_classes), all computed at ``degree``.
+
+        ``last_switch_ms`` holds how long this call spent switching (0 when the degree was already
+        ``degree``): with a plugin, folding a delta costs as much as a small forward, and a server
+        learning its forwards' speed must not count it as one.
+        """
         with self._lock, torch.inference_mode():
+            start = time.perf_counter()
             self._switch_locked(degree)
+            self.last_switch_ms = (time.perf_counter() - start) * 1000
             param = next(self.model.parameters())
             logits = self.model(images.to(param.device, param.dtype))
             return logits.float().softmax(dim=-1).cpu()

@@ -135,13 +135,14 @@ class ModelWorker:
         """What the front side needs: checkpoint metadata, preprocessing record, latency table..."""
         return self.description
 
-    def run(self, images: np.ndarray | torch.Tensor, degree: int) -> tuple[np.ndarray, float]:
-        """``images`` (B, 3, H, W) -> (class probabilities (B, num_classes), forward milliseconds)."""
+    def run(self, images: np.ndarray | torch.Tensor, degree: int) -> tuple[np.ndarray, float, float]:
+        """``images`` (B, 3, H, W) -> (class probabilities (B, num_classes), milliseconds of the
+        call, milliseconds of it spent switching the degree)."""
         start = time.perf_counter()
         if isinstance(images, np.ndarray):  # Ray hands arrays over read-only; torch wants to own one
             images = torch.from_numpy(np.require(images, requirements="W"))
         probs = self.elastic.run(images, degree)
-        return probs.numpy(), (time.perf_counter() - start) * 1000
+        return probs.numpy(), (time.perf_counter() - start) * 1000, self.elastic.last_switch_ms
 
 
 class Service:
@@ -178,11 +179,16 @@ class Service:
         return self.controller.choose(waits_ms, rate_rps)
 
     def answer(self, probs: np.ndarray | torch.Tensor, degree: int, compute_ms: float,
-               top_k: Sequence[int]) -> list[dict[str, Any]]:
+               top_k: Sequence[int], switch_ms: float = 0.0) -> list[dict[str, Any]]:
         """The answers of a batch run at ``degree``: ``probs`` (B, num_classes), ``top_k`` per image.
-        ``compute_ms``: the forward as the worker timed it, which the controller learns from (not
-        the round trip: a pipelined batch also waits in the worker for the one before it)."""
-        self.controller.observe(degree, len(probs), compute_ms)
+
+        ``compute_ms``: the batch as the worker timed it, of which ``switch_ms`` went to switching
+        the degree. The controller learns the forward's speed and the switch's cost apart (not
+        from the round trip: a pipelined batch also waits in the worker for the one before it).
+        """
+        self.controller.observe(degree, len(probs), compute_ms - switch_ms)
+        if switch_ms > 0:
+            self.controller.observe_switch(switch_ms)
         self.degree = degree
         probs = torch.tensor(np.asarray(probs))  # a copy: arrays from Ray are read-only
         out = []
@@ -200,8 +206,8 @@ class Service:
         if self.worker is None:
             raise RuntimeError("this Service's model runs elsewhere; run the batch there and call answer()")
         degree = self.choose(waits_ms, rate_rps)
-        probs, compute_ms = self.worker.run(torch.stack(list(images)), degree)
-        return self.answer(probs, degree, compute_ms, top_k)
+        probs, compute_ms, switch_ms = self.worker.run(torch.stack(list(images)), degree)
+        return self.answer(probs, degree, compute_ms, top_k, switch_ms)
 
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/info`` answers."""
@@ -210,6 +216,7 @@ class Service:
         return {"model": c.model, "checkpoint": c.checkpoint, "plugin": c.plugin,
                 "source": self.source, "degrees": self.degrees, "degree": self.degree,
                 "slowdown": round(self.controller.slowdown, 3),
+                "switch_ms": round(self.controller.switch_ms, 3),
                 "slo_ms": c.slo_ms, "max_batch": c.max_batch, "gflops": gflops,
                 "latency_ms": self.table.to_json(), "calibration": self.calibration,
                 "classes": self.classes, "num_classes": self.num_classes,
