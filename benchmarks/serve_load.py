@@ -3,7 +3,8 @@
 All three services serve the same CIFAR-10 DeiT-Tiny fine-tuned at r=0, side by side in one local
 Ray Serve instance on loopback; elastic adds the shipped plugin. Each is loaded in turn (never two
 at once, so they do not share the CPU) at 0.5x, 1x, 1.5x and 2x the measured capacity of fixed
-r=0, with labelled CIFAR-10 test images sent over HTTP. Bounded in requests and time; stops by
+r=0, with labelled CIFAR-10 test images sent over HTTP; each step is split into ``--blocks`` blocks
+that rotate the services' order, all three getting the same arrivals in each block. Bounded in requests and time; stops by
 itself. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 
 Make the checkpoint first (VTAB-1k CIFAR-10, fine-tuned at r=0):
@@ -66,6 +67,9 @@ def parse_args() -> argparse.Namespace:
                    help="do not send X-Request-Start (replicas then see only their own share of the latency)")
     p.add_argument("--save-records", action="store_true",
                    help="also write each request's record (status, ms, degree, batch...) to OUT.records.json")
+    p.add_argument("--blocks", type=int, default=3,
+                   help="each step's duration is split into this many blocks, the services rotating "
+                        "their order from block to block")
     p.add_argument("--order", default="fixed0,fixed16,elastic",
                    help="the order the services are loaded in at each load (fixed0, fixed16, elastic)")
     p.add_argument("--loads", default=",".join(map(str, LOADS)), help="multiples of r=0 capacity")
@@ -83,6 +87,8 @@ def parse_args() -> argparse.Namespace:
         args.slo_ms = args.slo_ms or 150.0  # the tiny model's compute is far below HTTP's own cost
     elif not args.checkpoint:
         p.error("--checkpoint is required (see the docstring for how to make one), or pass --smoke")
+    if args.blocks < 1:
+        p.error(f"--blocks must be at least 1, got {args.blocks}")
     if sorted(args.order.split(",")) != ["elastic", "fixed0", "fixed16"]:
         p.error(f"--order must name fixed0, fixed16 and elastic once each, got {args.order!r}")
     args.out = Path(args.out or root / ("runs/serve_smoke/serving" if args.smoke else "docs/results/serving"))
@@ -326,7 +332,8 @@ def main() -> None:
                     "ray": ray.__version__, "threads": args.threads, "worker_cores": worker_cores,
                     "max_batch": args.max_batch,
                     "max_ongoing": args.max_ongoing, "margin": args.margin, "patience": args.patience,
-                    "lead_ms": base.lead_ms, "order": args.order, "request_start": not args.no_request_start,
+                    "lead_ms": base.lead_ms, "order": args.order, "blocks": args.blocks,
+                    "request_start": not args.no_request_start,
                     "duration_s": args.duration_s, "steps": []}
     try:
         prefixes = {"fixed r=0": "/fixed0", "fixed r=16": "/fixed16", "elastic": "/elastic"}
@@ -354,24 +361,31 @@ def main() -> None:
         result["capacity_rps"] = capacity
         print(f"SLO {slo:.0f} ms, r=0 capacity {capacity:.1f} req/s", flush=True)
         for load in (float(x) for x in args.loads.split(",")):
-            for step, name in enumerate(order):
-                records = asyncio.run(open_loop(f"{url}{prefixes[name]}/v1/classify", requests,
-                                                load * capacity, args.duration_s, args.max_requests,
-                                                args.seed + int(10 * load), stamp))
+            # Each service gets the same arrivals (seeded per block), in blocks that rotate the
+            # order: the machine's speed drifts over minutes, and three services loaded 30 s each
+            # in turn compared the third with the first under a different machine.
+            records = {name: [] for name in order}
+            for block in range(args.blocks):
+                for name in order[block % len(order):] + order[:block % len(order)]:
+                    records[name] += asyncio.run(open_loop(
+                        f"{url}{prefixes[name]}/v1/classify", requests, load * capacity,
+                        args.duration_s / args.blocks, args.max_requests // args.blocks,
+                        args.seed + int(10 * load) + 1000 * block, stamp))
+                    time.sleep(1.0)  # let the previous service's stragglers finish
+            for name in order:
                 row = {"load": load, "service": name, "rate_rps": load * capacity,
-                       **summarize(records, slo, args.duration_s),
+                       **summarize(records[name], slo, args.duration_s),
                        # the controller's measured / calibrated forward time at the end of the step
                        "slowdown": json.loads(_get(f"{url}{prefixes[name]}/v1/info"))["slowdown"]}
                 result["steps"].append(row)
                 if args.save_records:
-                    all_records.append({"load": load, "service": name, "records": records})
+                    all_records.append({"load": load, "service": name, "records": records[name]})
                 print(f"{load}x {name}: p95 {row['p95_ms']:.0f} ms, "
                       f"SLO met {100 * row['slo_attainment']:.1f}%, 503 {row['rejected_503']}, "
                       f"acc {100 * row['accuracy']:.1f}%, degrees {row['degrees']}, "
                       f"batch {row['mean_batch'] or 0:.1f}, {row['compute_ms_per_image'] or 0:.1f} ms/image, "
                       f"p95 at replica {row['p95_replica_ms'] or 0:.0f} ms, slowdown {row['slowdown']:.2f}",
                       flush=True)
-                time.sleep(1.0 if step < 2 else 0.0)  # let the previous service's stragglers finish
     finally:
         serve.shutdown()
         ray.shutdown()
