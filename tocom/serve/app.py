@@ -189,6 +189,7 @@ class TocomReplica:
             result["queue_ms"] = round((start - arrival) * 1000, 3)
         return results
 
+
 def deployment_options(config: ServeConfig) -> dict:
     """Ray Serve options of the deployment (replicas, autoscaling, backpressure, CPUs)."""
     front = cpu_split(config.replica_cpus)[0]

@@ -243,9 +243,9 @@ class DegreeController:
     def observe_switch(self, ms: float) -> None:
         """Fold a measured degree switch (a plugin's delta folded into the weights) into ``switch_ms``.
 
-        Switching costs about as much as a small forward; counted as part of one, it read as a
-        slower machine, every prediction grew, and at light load the controller ran half its
-        batches at high degrees, switching back and forth.
+        A switch is not forward time (counted as such, it would read as a slower machine); it is
+        charged to predictions at any degree but the current one, a small push towards staying.
+        With a plugin on DeiT-Tiny it took 2.7 ms median on a 2-core CPU.
         """
         w = self.smoothing
         self.switch_ms = ms if self.switch_ms == 0 else (1 - w) * self.switch_ms + w * ms

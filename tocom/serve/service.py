@@ -141,8 +141,8 @@ class ModelWorker:
         start = time.perf_counter()
         if isinstance(images, np.ndarray):  # Ray hands arrays over read-only; torch wants to own one
             images = torch.from_numpy(np.require(images, requirements="W"))
-        probs = self.elastic.run(images, degree)
-        return probs.numpy(), (time.perf_counter() - start) * 1000, self.elastic.last_switch_ms
+        probs, switch_ms = self.elastic.run_timed(images, degree)
+        return probs.numpy(), (time.perf_counter() - start) * 1000, switch_ms
 
 
 class Service:
