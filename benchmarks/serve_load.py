@@ -3,9 +3,9 @@
 All three services serve the same CIFAR-10 DeiT-Tiny fine-tuned at r=0, side by side in one local
 Ray Serve instance on loopback; elastic adds the shipped plugin. Each is loaded in turn (never two
 at once, so they do not share the CPU) at 0.5x, 1x, 1.5x and 2x the measured capacity of fixed
-r=0, with labelled CIFAR-10 test images sent over HTTP; each step is split into ``--blocks`` blocks
-that rotate the services' order, all three getting the same arrivals in each block. Bounded in requests and time; stops by
-itself. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``.
+r=0, with labelled CIFAR-10 test images sent over HTTP; each step is split into ``--blocks``
+blocks that rotate the services' order, all three getting the same arrivals in each block.
+Bounded in requests and time; stops by itself. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 
 Make the checkpoint first (VTAB-1k CIFAR-10, fine-tuned at r=0):
 
@@ -42,6 +42,8 @@ SERVICES = ("fixed r=0", "fixed r=16", "elastic")
 
 
 def parse_args() -> argparse.Namespace:
+    from tocom.serve.cli import parse_lead
+
     root = Path(__file__).resolve().parents[1]
     shared = Path(os.environ.get("TOCOM_SHARED", root.parent / "shared"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-ongoing", type=int, default=24, help="requests a replica holds before 503")
     p.add_argument("--margin", type=float, default=0.85, help="elastic: share of the SLO predictions may use")
     p.add_argument("--patience", type=int, default=3, help="elastic: batches of slack before stepping down")
-    p.add_argument("--lead-ms", default="25",
+    p.add_argument("--lead-ms", type=parse_lead, default=25.0,
                    help="send a batch this long before the model is predicted free ('off': after)")
     # One of the two cores of a small machine is left to the HTTP path (client, proxy, decoding):
     # with both given to torch, that path, not the model, bounded every service alike.
@@ -312,7 +314,7 @@ def main() -> None:
     base = ServeConfig(model=model, checkpoint=checkpoint, max_batch=args.max_batch, batch_wait_ms=5,
                        max_ongoing=args.max_ongoing, max_queued=64, replica_cpus=0.5, threads=args.threads,
                        slo_ms=args.slo_ms or 1000.0, max_body_mb=1, margin=args.margin,
-                       patience=args.patience, lead_ms=_lead(args.lead_ms))
+                       patience=args.patience, lead_ms=args.lead_ms)
     worker_cores = None
     if args.pin:  # set before Ray starts: its processes inherit this process's cores
         cores = sorted(os.sched_getaffinity(0))
@@ -394,10 +396,6 @@ def main() -> None:
     if args.save_records:
         args.out.with_suffix(".records.json").write_text(json.dumps(all_records))
     print(f"wrote {args.out.with_suffix('.json')}, .md and .png")
-
-
-def _lead(text: str) -> float | None:
-    return None if text.strip().lower() == "off" else float(text)
 
 
 def _get(url: str) -> bytes:

@@ -27,7 +27,8 @@ def _int_list(what: str, example: str):
 _degrees = _int_list("degrees", "0,4,8")
 
 
-def _lead(text: str) -> float | None:
+def parse_lead(text: str) -> float | None:
+    """``--lead-ms``: milliseconds, or ``off`` (None: send a batch once the last one's answers are back)."""
     return None if text.strip().lower() == "off" else float(text)
 
 
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slo-ms", type=float, default=200.0, help="latency objective, arrival to answer")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    p.add_argument("--lead-ms", type=_lead, default=25.0,
+    p.add_argument("--lead-ms", type=parse_lead, default=25.0,
                    help="send the next batch this long before the model is predicted free, to wait in "
                         "its queue; 'off': only once the last batch's answers are back")
     p.add_argument("--max-ongoing", type=int, default=32,
