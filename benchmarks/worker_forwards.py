@@ -12,7 +12,10 @@ the actor around the forward alone and around the whole call:
   serial     - one call at a time: the next batch is sent after the answer is back;
   pipelined  - two calls in flight, as `--lead-ms` keeps them: a batch arrives during a forward;
   busy       - serial, while the driver keeps sending small no-op calls to the same actor
-               (Ray's threads in the worker busy with messages during a forward).
+               (Ray's threads in the worker busy with messages during a forward);
+  saturated  - pipelined, while three pure-Python loops oversubscribe the other cores, where the
+               worker's own Ray threads run (only its forward thread is pinned): does a thread
+               holding the interpreter lock on a starved core stall the forward?
 
 Usage: python benchmarks/worker_forwards.py [--calls 40]   (about 2 minutes; Linux, 2+ cores)
 """
@@ -20,6 +23,7 @@ Usage: python benchmarks/worker_forwards.py [--calls 40]   (about 2 minutes; Lin
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -28,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-MODES = ("local", "serial", "pipelined", "busy")
+MODES = ("local", "serial", "pipelined", "busy", "saturated")
 
 
 class Worker:
@@ -59,12 +63,34 @@ class Worker:
         return 0
 
 
+def _spin(cores: set[int], stop) -> None:
+    """A pure-Python loop on ``cores`` until ``stop`` is set."""
+    os.sched_setaffinity(0, cores)
+    n = 0
+    while not stop.is_set():
+        for _ in range(10_000):
+            n += 1
+
+
 def _measure(worker, mode: str, x: np.ndarray, degree: int, n: int) -> tuple[list[float], list[float]]:
     """``n`` forwards in ``mode``: (forward ms, call ms) as the actor timed them."""
     import ray
 
     if mode == "local":
         return ray.get(worker.local.remote(len(x), degree, n)), []
+    if mode == "saturated":
+        ctx = mp.get_context("fork")  # no import: the loops start at once
+        stop = ctx.Event()
+        others = os.sched_getaffinity(0)  # the driver's cores: all but the worker's
+        loops = [ctx.Process(target=_spin, args=(others, stop), daemon=True) for _ in range(3)]
+        for loop in loops:
+            loop.start()
+        try:
+            return _measure(worker, "pipelined", x, degree, n)
+        finally:
+            stop.set()
+            for loop in loops:
+                loop.join(timeout=10)
     forward, call = [], []
     if mode == "pipelined":
         inflight = [worker.run.remote(x, degree)]
