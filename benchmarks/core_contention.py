@@ -34,17 +34,24 @@ from tocom.models.loading import create_model
 PHASES = ("idle", "spin", "decode")
 
 
+def spin(cores: set[int], stop, ready=None) -> None:
+    """A pure-Python loop on ``cores`` until ``stop`` is set (``ready`` set once it runs there)."""
+    os.sched_setaffinity(0, cores)
+    if ready is not None:
+        ready.set()
+    n = 0
+    while not stop.is_set():
+        for _ in range(10_000):
+            n += 1
+
+
 def _neighbour(kind: str, core: int, ready, stop) -> None:
     """Keep ``core`` busy with work of ``kind`` until ``stop`` is set; ``ready`` once it runs there."""
+    if kind == "spin":
+        spin({core}, stop, ready)
+        return
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
-    if kind == "spin":
-        ready.set()
-        n = 0
-        while not stop.is_set():
-            for _ in range(10_000):
-                n += 1
-        return
     from PIL import Image
 
     from tocom.data import transform_from_record

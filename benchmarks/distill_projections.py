@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from tocom.jobs.distill import LabelledFiles, holdout_hook
 from tocom.models import patch
 from tocom.models.loading import create_model
 from tocom.train.config import TrainConfig
-from tocom.train.trainer import train
+from tocom.train.trainer import logged_evals, train
 
 DATA = Path("runs/evidence/paper-mini/distill-data")
 WEIGHTS = Path("../shared/weights/deit_tiny_patch16_224.safetensors")
@@ -171,7 +170,6 @@ def check_matches_plugin() -> float:
 
 def run(name: str, out: Path, steps: int, seed: int) -> dict:
     """Train configuration ``name`` and return its summary with the held-out curve."""
-    random.seed(seed)  # sample_pair draws from Python's generator
     model = patch(create_model("deit_tiny_patch16_224", str(WEIGHTS)).eval(), "tome")
     torch.manual_seed(seed)
     bank = ProjectionBank(model, CONFIGS[name])
@@ -182,16 +180,16 @@ def run(name: str, out: Path, steps: int, seed: int) -> dict:
                          checkpoint_every=100, eval_every=100, seed=seed)
     run_dir = out / f"proj-{name}.run"
     resume = (run_dir / "last.ckpt").is_file()
-    curve = [] if resume else [{"step": 0, **hook(objective.eval(), 0)}]
+    step0 = run_dir / "step0.json"  # compression alone, scored once before the first step
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        step0.write_text(json.dumps({"step": 0, **hook(objective.eval(), 0)}))
     start = time.time()
     result = train(objective, data, config, out_dir=run_dir, resume=resume, device="cpu", evaluate=hook)
-    if resume:  # the step-0 scores were written by the first attempt
-        curve = json.loads((run_dir / "step0.json").read_text())
-    else:
-        (run_dir / "step0.json").write_text(json.dumps(curve))
+    evals = logged_evals(run_dir) if resume else result.evals  # the log keeps those before a kill
     return {"config": name, "linears": list(CONFIGS[name]), "parameters": bank.trainable_count(),
             "steps": steps, "seed": seed, "wall_s": round(time.time() - start, 1),
-            "holdout_curve": curve + result.evals}
+            "holdout_curve": [json.loads(step0.read_text()), *evals]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+from core_contention import spin  # benchmarks/ is on the path of a script run from it
 
 MODES = ("local", "serial", "pipelined", "busy", "saturated")
 
@@ -63,15 +64,6 @@ class Worker:
         return 0
 
 
-def _spin(cores: set[int], stop) -> None:
-    """A pure-Python loop on ``cores`` until ``stop`` is set."""
-    os.sched_setaffinity(0, cores)
-    n = 0
-    while not stop.is_set():
-        for _ in range(10_000):
-            n += 1
-
-
 def _measure(worker, mode: str, x: np.ndarray, degree: int, n: int) -> tuple[list[float], list[float]]:
     """``n`` forwards in ``mode``: (forward ms, call ms) as the actor timed them."""
     import ray
@@ -82,7 +74,7 @@ def _measure(worker, mode: str, x: np.ndarray, degree: int, n: int) -> tuple[lis
         ctx = mp.get_context("fork")  # no import: the loops start at once
         stop = ctx.Event()
         others = os.sched_getaffinity(0)  # the driver's cores: all but the worker's
-        loops = [ctx.Process(target=_spin, args=(others, stop), daemon=True) for _ in range(3)]
+        loops = [ctx.Process(target=spin, args=(others, stop), daemon=True) for _ in range(3)]
         for loop in loops:
             loop.start()
         try:

@@ -14,7 +14,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tocom.train import EpochBatchSampler, Objective, TrainConfig, atomic_save, build_optimizer, lr_at, train
+from tocom.train import (
+    EpochBatchSampler,
+    Objective,
+    TrainConfig,
+    atomic_save,
+    build_optimizer,
+    logged_evals,
+    lr_at,
+    train,
+)
 from tocom.train import checkpoint as ckpt_mod
 from tocom.train.loader import PerItemSeeded, move_to_device
 
@@ -144,6 +153,9 @@ def test_resume_is_bit_identical(tmp_path: Path, workers: tuple[int, int, int]) 
     assert resumed.seen == full.seen[7:]  # the skipped batches were not loaded again
     lines = [json.loads(ln) for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines if ln["kind"] == "train"] == [3, 6, 7, 9, 12]  # stale 8 dropped
+    assert [e["step"] for e in res.evals] == list(range(8, 13))  # this call's evaluations only
+    assert [e["step"] for e in logged_evals(tmp_path / "b")] == list(range(1, 13))  # the whole run's
+    assert logged_evals(tmp_path / "b")[-1] == res.evals[-1]
 
 
 def test_resume_errors(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from tocom.models import patch
 from tocom.models.loading import create_model
 from tocom.train import distributed
 from tocom.train.config import TrainConfig, lr_per_512
-from tocom.train.trainer import train
+from tocom.train.trainer import logged_evals, train
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,8 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     if hook is not None and not resume:
         curve.append({"step": 0, **_at_device(hook, objective, device)})
     result = train(objective, dataset, config, out_dir=run_dir, resume=resume, device=device, evaluate=hook)
-    curve += result.evals
+    # A resumed run's own result lacks the evaluations made before the interruption; the log has them.
+    curve += logged_evals(run_dir) if resume else result.evals
     objective.release()
     summary = {
         "model": model_name, "data": str(data), "images": len(dataset), "preset": preset, "steps": steps,

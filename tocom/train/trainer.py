@@ -54,7 +54,7 @@ from tocom.train.checkpoint import (
 from tocom.train.config import TrainConfig, build_optimizer, check_resumable, lr_at, resolve_amp
 from tocom.train.loader import build_loader, mix_seed, move_to_device
 
-__all__ = ["Objective", "TrainConfig", "TrainResult", "lr_at", "train"]
+__all__ = ["Objective", "TrainConfig", "TrainResult", "logged_evals", "lr_at", "train"]
 
 
 @dataclass
@@ -246,6 +246,19 @@ def _evaluate(objective: nn.Module, evaluate: Callable[[nn.Module, int], dict[st
         objective.train()
         restore_rng(rng)
     return {"step": step, **distributed.all_reduce_mean({k: float(v) for k, v in scores.items()})}
+
+
+def logged_evals(out_dir: str | Path) -> list[dict[str, float]]:
+    """Every evaluation ``out_dir/metrics.jsonl`` holds, ``{"step", **scores}`` in step order.
+
+    :class:`TrainResult` lists only the evaluations of its own call; after a resume the log also
+    holds those made before the interruption (up to the checkpoint it resumed from).
+    """
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = (json.loads(ln) for ln in path.read_text().splitlines() if ln)
+    return [{k: v for k, v in r.items() if k != "kind"} for r in records if r.get("kind") == "eval"]
 
 
 def _truncate_log(path: Path, step: int) -> None:
