@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from tocom.experiments.evidence import Evidence
-from tocom.experiments.evidence_report import pyra_results, render_extra, variant_results
+from tocom.experiments.evidence_report import (
+    pyra_records,
+    pyra_results,
+    render_extra,
+    variant_results,
+    write_pyra_outputs,
+)
+from tocom.report.records import read_records
 
 N = 40
 LABELS = [i % 4 for i in range(N)]
@@ -89,22 +96,42 @@ def test_each_variant_is_compared_with_the_reference_on_the_same_models(ev):
     assert "| feat | +30.00" in render_extra(out, {"not run": "x"})
 
 
-def test_pyra_endpoint_picks_the_rate_on_val_and_pools_whole_seeds(ev):
-    assert pyra_results(ev, (0,)) == {"not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
-    accuracy = {"lora": 0.5, "pyra": 0.7}
+def write_pyra_units(ev, test: dict[str, float], val: dict[str, float]) -> None:
+    """Seed 0's record of every (task, arm) of the pyra stage, with test accuracy ``test[method]``
+    and a two-point val curve ending at ``val[method]``."""
     for task in ev.p.tasks:
         for method, lr in ev.pyra_arms():
             model = ev.pyra_path(task, 0, method, lr)
             write(ev._pyra_record(model), {
                 "task": task, "seed": 0, "method": method, "modulator_lr": lr, "model": model.name,
-                "val_acc": 0.9 if method == "pyra" else 0.5,
-                "test": {"predictions": predictions(accuracy[method]), "labels": LABELS}})
+                "val_acc": val[method], "schedule": [2, 2], "curve": [[1, 0.25], [2, val[method]]],
+                "test": {"predictions": predictions(test[method]), "labels": LABELS}})
+
+
+def test_pyra_endpoint_picks_the_rate_on_val_and_pools_whole_seeds(ev):
+    assert pyra_results(ev, (0,)) == {"not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
+    write_pyra_units(ev, test={"lora": 0.5, "pyra": 0.7}, val={"lora": 0.5, "pyra": 0.9})
     out = pyra_results(ev, (0,))
     assert out["modulator_lr_chosen"] == {t: ev.p.pyra_modulator_lrs[0] for t in ev.p.tasks}
     assert out["endpoint"]["difference"] == pytest.approx(0.2)
     assert out["endpoint"]["accuracy_a"] == pytest.approx(0.5)
     assert np.isfinite(out["endpoint"]["ci_low"]) and out["endpoint"]["ci_low"] > 0
     assert "**+20.00" in render_extra({"not run": [], "variants": {}}, out)
+
+
+def test_pyra_predictions_and_curves_are_written_per_task(ev, tmp_path):
+    write_pyra_units(ev, test={"lora": 0.5, "pyra": 0.75}, val={"lora": 0.5, "pyra": 0.75})
+    units, seeds = pyra_records(ev, (0, 1))
+    assert seeds == (0,) and len(units) == len(ev.p.tasks) * len(ev.pyra_arms())
+    files = write_pyra_outputs(ev, units, tmp_path / "out")
+    assert files == [*(f"evidence-pyra-{t}.predictions.npz" for t in ev.p.tasks), "evidence-pyra.png"]
+    records = read_records(tmp_path / "out" / files[0])
+    assert records.label.tolist() == LABELS and len(records.configs) == len(ev.pyra_arms())
+    (lora,) = records.find({"method": "lora"})
+    (pyra,) = records.find({"method": "pyra", "modulator_lr": ev.p.pyra_modulator_lrs[0]})
+    assert (records.pred[lora] == records.label).mean() == 0.5
+    assert (records.pred[pyra] == records.label).mean() == 0.75
+    assert (tmp_path / "out" / "evidence-pyra.png").stat().st_size > 0
 
 
 def test_the_command_line_accepts_every_stage():

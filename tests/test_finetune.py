@@ -74,7 +74,7 @@ def finetune(vtab_task, tmp_path, **kw):
 
 
 def test_resumed_finetune_equals_uninterrupted(vtab_task, tmp_path):
-    full, _ = finetune(vtab_task, tmp_path / "a")
+    full, full_recipe = finetune(vtab_task, tmp_path / "a")
     killed, _ = finetune(vtab_task, tmp_path / "b", stop_after=3)
     assert not (tmp_path / "b" / "out.safetensors").exists()  # no output before the last step
     resumed, recipe = finetune(vtab_task, tmp_path / "b", resume=True)
@@ -82,6 +82,9 @@ def test_resumed_finetune_equals_uninterrupted(vtab_task, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in killed.state_dict().items())
     assert recipe["steps_done"] == recipe["steps"] == 6
+    # the validation curve keeps the point made before the interruption
+    assert [step for step, _ in recipe["curve"]] == [3, 6]
+    assert recipe["curve"] == full_recipe["curve"]
 
 
 def test_new_head_metadata_and_refused_schedules(vtab_task, tmp_path):

@@ -200,21 +200,28 @@ def variant_results(ev: Evidence, records: list[dict], seeds: tuple[int, ...]) -
     return out
 
 
+def pyra_records(ev: Evidence, seeds: tuple[int, ...]) -> tuple[dict[tuple, dict], tuple[int, ...]]:
+    """The ``pyra`` stage's records of the seeds that have every unit, keyed by
+    (task, seed, method, modulator lr), and those seeds: a run stopped early is analysed on its
+    whole seeds, as the other endpoints are."""
+    records: dict[tuple, dict] = {}
+    complete = []
+    for seed in seeds:
+        paths = {(task, seed, *arm): ev._pyra_record(ev.pyra_path(task, seed, *arm))
+                 for task in ev.p.tasks for arm in ev.pyra_arms()}
+        if all(path.is_file() for path in paths.values()):
+            records.update({key: json.loads(path.read_text()) for key, path in paths.items()})
+            complete.append(seed)
+    return records, tuple(complete)
+
+
 def pyra_results(ev: Evidence, seeds: tuple[int, ...]) -> dict:
     """Endpoint 4: PYRA (modulator lr picked per task on the mean val200 accuracy over seeds) minus
     ToMe + LoRA at the ``high`` schedule, pooled over tasks and seeds; every arm beside it."""
     arms = ev.pyra_arms()
-    records: dict[tuple, dict] = {}
-    complete = []
-    for seed in seeds:  # a run stopped early is analysed on its whole seeds, as the other endpoints
-        paths = {(task, seed, *arm): ev._pyra_record(ev.pyra_path(task, seed, *arm))
-                 for task in ev.p.tasks for arm in arms}
-        if all(path.is_file() for path in paths.values()):
-            records.update({key: json.loads(path.read_text()) for key, path in paths.items()})
-            complete.append(seed)
-    if not complete:
+    records, seeds = pyra_records(ev, seeds)
+    if not seeds:
         return {"not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
-    seeds = tuple(complete)
 
     def runs(task: str, method: str, lr: float | None) -> np.ndarray:
         rows = [records[(task, seed, method, lr)] for seed in seeds]
@@ -237,6 +244,42 @@ def pyra_results(ev: Evidence, seeds: tuple[int, ...]) -> dict:
     return {"schedule": ev.p.pyra_schedule, "modulator_lr_chosen": chosen, "endpoint": endpoint.as_dict(),
             "per_arm": per_arm, "per_task": per_task, "val_acc": val_acc,
             "seeds": list(seeds)}
+
+
+def _arm_label(method: str, lr: float | None) -> str:
+    return "ToMe + LoRA" if method == "lora" else f"PYRA, modulator lr {lr:g}"
+
+
+def write_pyra_outputs(ev: Evidence, records: dict[tuple, dict], out: Path) -> list[str]:
+    """``evidence-pyra-{task}.predictions.npz`` (one row per (seed, method, modulator lr), run at
+    the schedule it was fine-tuned at) and ``evidence-pyra.png`` (val200 accuracy against the
+    training step, mean over tasks and seeds, per arm); returns the file names written."""
+    files = []
+    for task in ev.p.tasks:
+        runs, labels = [], None
+        for (t, seed, method, lr), record in sorted(records.items(), key=lambda kv: str(kv[0])):
+            if t == task:
+                labels = record["test"]["labels"]
+                runs.append(({"task": task, "seed": seed, "method": method, "modulator_lr": lr,
+                              "schedule": record.get("schedule")}, record["test"]["predictions"]))
+        if runs:
+            path = out / f"evidence-pyra-{task}.predictions.npz"
+            write_records(path, Records.from_runs(np.arange(len(labels)), labels, runs,
+                                                  source=f"evidence/pyra/{task}"))
+            files.append(path.name)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for method, lr in ev.pyra_arms():
+        # units of one protocol share the evaluation steps; only whole columns are averaged
+        arm = [dict(map(tuple, r["curve"])) for (_, _, m, rate), r in records.items()
+               if (m, rate) == (method, lr) and r.get("curve")]
+        steps = sorted(set.intersection(*(set(c) for c in arm))) if arm else []
+        if steps:
+            curves[_arm_label(method, lr)] = [(s, float(np.mean([c[s] for c in arm]))) for s in steps]
+    if curves:
+        accuracy_plot(curves, out / "evidence-pyra.png", f"val200 while fine-tuning at {ev.p.pyra_schedule}, "
+                      "mean over tasks and seeds", xlabel="training step")
+        files.append("evidence-pyra.png")
+    return files
 
 
 def analyze(ev: Evidence, out: Path) -> dict:
@@ -281,9 +324,14 @@ def analyze(ev: Evidence, out: Path) -> dict:
     _plots(an, ev, curves["plugins"], out)
     variants = variant_results(ev, records, seeds)
     pyra = pyra_results(ev, seeds)
+    pyra_units, _ = pyra_records(ev, seeds)
+    files += write_pyra_outputs(ev, pyra_units, out)
+    curves["pyra"] = {f"{t}_{m}{'' if lr is None else f'-mlr{lr:g}'}_seed{seed}": r.get("curve")
+                      for (t, seed, m, lr), r in pyra_units.items()}
+    ran_on = [r.get("ran_on") for r in records] + [r.get("ran_on") for r in pyra_units.values()]
     results = {
         "experiment": "evidence", "provenance": {**provenance(ev.device), **ev.provenance(),
-                                                 "units_ran_on": _distinct(r.get("ran_on") for r in records)},
+                                                 "units_ran_on": _distinct(ran_on)},
         "endpoints": {k: v.as_dict() for k, v in endpoints.items()},
         "gap_closed": closure,
         "pyra_vs_tome_lora_high": pyra,
@@ -432,4 +480,7 @@ def render_extra(variants: dict, pyra: dict) -> str:
     lines += [f"| {task} (subgroup), lr picked on val | {_ci(d)} |" for task, d in pyra["per_task"].items()]
     if any(math.isnan(v) for v in pyra["val_acc"].values()):
         lines.append("Some units have no validation accuracy; their choice of rate is unreliable.")
+    lines += ["", "Mean val200 accuracy at the end of fine-tuning, over seeds (what picks the rate): "
+              + "; ".join(f"{k} {100 * v:.1f}%" for k, v in pyra["val_acc"].items()) + ".",
+              "", "![val200 accuracy while fine-tuning, per arm](evidence-pyra.png)"]
     return "\n".join(lines) + "\n"

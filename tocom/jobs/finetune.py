@@ -44,7 +44,7 @@ from tocom.pyra import PARAM_PATTERN, add_pyra, pyra_parameters
 from tocom.train import distributed
 from tocom.train.checkpoint import load_checkpoint
 from tocom.train.config import TrainConfig, build_optimizer, lr_per_512
-from tocom.train.trainer import Objective, train
+from tocom.train.trainer import Objective, logged_evals, train
 
 HEAD_KEYS = ("head.", "head_dist.")  # DeiT distilled models have a second head
 RECIPE_FIELDS = ("steps", "lr", "batch_size", "weight_decay", "warmup_steps", "seed")  # of TrainConfig
@@ -307,6 +307,8 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     start = time.time()
     result = train(objective, train_data, config, out_dir=run_dir, resume=resume, evaluate=hook,
                    device=device, stop_after=stop_after)
+    # after a resume, the log also holds the validations made before the interruption
+    evals = logged_evals(run_dir) if resume else result.evals
     recipe = {
         "preset": preset, "method": method, "data": str(data), "split_train": split_train,
         "images": len(train_data), "classes": train_data.num_classes, "new_head": info["new_head"],
@@ -314,8 +316,8 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
         "modulator_lr": modulator_lr,  # None: the modulators trained at lr
         "augment": p.augment, "label_smoothing": p.label_smoothing, "drop_path": p.drop_path,
         "world_size": world, "wall_s": round(time.time() - start, 1), "steps_done": result.step,
-        "val_acc": result.evals[-1]["val_acc"] if result.evals else None,
-        "curve": [[e["step"], e["val_acc"]] for e in result.evals],  # this process's validations
+        "val_acc": evals[-1]["val_acc"] if evals else None,
+        "curve": [[e["step"], e["val_acc"]] for e in evals],
     }
     model = fold(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
     if distributed.rank() == 0 and result.step == steps:
