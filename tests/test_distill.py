@@ -220,3 +220,24 @@ def test_distill_cli_records_the_holdout_curve_at_pairs_that_fit_max_r(tmp_path)
     curve = Compensator.load(out).spec.recipe["holdout_curve"]
     assert [point["step"] for point in curve] == [0, 1, 2]
     assert set(curve[0]) == {"step", "loss_0_to_4", "loss_4_to_0", "loss_0_to_2", "loss_2_to_4"}
+
+
+def test_cross_entropy_distillation_refuses_images_without_labels(tmp_path):
+    """Without labels.txt every image would be class 0 and the ``ce`` loss would learn just that."""
+    from tocom.data import eval_transform
+    from tocom.jobs.distill import LabelledFiles, run_distill
+
+    ckpt, images = tiny_checkpoint(tmp_path), image_folder(tmp_path, n=4)
+    kwargs = dict(checkpoint=str(ckpt), max_r=2, steps=1, batch_size=2, num_workers=0, progress=False,
+                  out=tmp_path / "p.tocom.safetensors", loss="ce")
+    with pytest.raises(FileNotFoundError, match="labels.txt is missing"):
+        run_distill("vit_tiny_patch16_224", images, **kwargs)
+    (images / "labels.txt").write_text("nested/0.png 3\nnested/1.png 5\n")
+    with pytest.raises(ValueError, match="no label for 2 of 4 images"):
+        run_distill("vit_tiny_patch16_224", images, **kwargs)
+    (images / "labels.txt").write_text("".join(f"nested/{i}.png {i}\n" for i in range(4)))
+    run_distill("vit_tiny_patch16_224", images, **kwargs)
+    assert (tmp_path / "p.tocom.safetensors").is_file()
+    labelled = LabelledFiles(images, eval_transform(tiny_vit()), require_labels=True)
+    assert sorted(labelled[i][1] for i in range(4)) == [0, 1, 2, 3]
+    assert LabelledFiles(images / "nested", None)[0][1] == 0  # no labels and none required: placeholder 0

@@ -158,3 +158,38 @@ def test_deit_augmentation_survives_posterize_at_full_magnitude():
     for op in ops:
         op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0  # always, at full strength
     assert transform(image).shape == (3, 32, 32)
+
+
+def test_table5_ablation_plugins_hold_as_many_parameters_as_the_standard_one():
+    """The paper compares its ablations at equal parameters; a rank that drifted would not."""
+    from conftest import tiny_vit
+
+    from tocom.compensator import Compensator
+    from tocom.experiments.evidence import ABLATIONS, STANDARD_GROUPS, STANDARD_RANK
+
+    model = tiny_vit()
+    size = lambda **kw: sum(p.numel() for p in Compensator.init_for(  # noqa: E731
+        model, groups=STANDARD_GROUPS, **kw).parameters())
+    standard = size(rank=STANDARD_RANK)
+    assert standard > 0
+    for name, settings in ABLATIONS.items():
+        shape = {"rank": STANDARD_RANK, **{k: v for k, v in settings.items() if k in ("rank", "variant")}}
+        assert size(**shape) == standard, name
+    assert {s.get("variant") for s in ABLATIONS.values()} >= {"shared", "no_inversion"}
+
+
+def test_distill_split_gives_each_part_the_labels_of_its_images(ev):
+    source = ev.shared / "data/imagenet-sample"
+    for i in range(1, 12):
+        (source / f"img{i:02d}.jpg").write_text("i")
+    names = sorted(p.name for p in source.iterdir() if p.suffix == ".jpg")
+    (source / "labels.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    train, held = ev.distill_split()
+    lines = {part: (part / "labels.txt").read_text().split("\n")[:-1] for part in (train, held)}
+    assert lines[held] == [f"{n} {i}" for i, n in enumerate(names) if i % 10 == 0]
+    assert lines[train] == [f"{n} {i}" for i, n in enumerate(names) if i % 10]
+    linked = sorted(p.name for p in train.iterdir() if p.suffix == ".jpg")
+    assert linked == [n for i, n in enumerate(names) if i % 10]
+    (held / "labels.txt").unlink()  # a split made before labels were split is made again
+    ev.distill_split()
+    assert (held / "labels.txt").is_file()

@@ -10,8 +10,9 @@ own checkpoint):
    held-out tenth, on which the loss of each degree pair is recorded along training);
 2. ``finetune``: AdaptFormer on the frozen DeiT-Tiny backbone (the weights the plugin was
    distilled on), per task x source degree x fine-tuning seed, validation curve recorded;
-3. ``variants``: the candidate-cause plugins (:data:`VARIANTS`: another objective, another
-   augmentation), distilled exactly as the standard one otherwise;
+3. ``variants``: the variant plugins (:data:`VARIANTS`), distilled exactly as the standard one
+   otherwise: candidate causes (another objective, another augmentation) and the paper's Table 5
+   ablations at equal parameters (shared groups, no inversion, cross-entropy);
 4. ``predict``: per fine-tuned model, per-image predictions on val200 (every scale of the grid, for
    selection) and on the test set (no plugin, and each plugin at the scales selected on val and at
    the fixed scale), at every target degree; and a record per variant plugin at the endpoint's
@@ -54,10 +55,22 @@ from tocom.report.provenance import content_hash, provenance
 
 MODEL = "deit_tiny_patch16_224"
 STAGES = ("data", "plugins", "variants", "finetune", "predict", "pyra", "analyze")
-# Candidate causes of a plugin that closes too little of the gap, each a change of one distillation
-# setting (keyword arguments of run_distill): the objective (L1 on the features the head reads, not
-# KL on ImageNet logits) and the augmentation of the distillation images (DeiT's, not light).
-VARIANTS: dict[str, dict[str, str]] = {"feat": {"loss": "feat"}, "deit-aug": {"preset": "paper"}}
+# Each variant plugin changes one distillation setting (keyword arguments of run_distill).
+# Candidate causes of a plugin that closes too little of the gap: the objective (L1 on the features
+# the head reads, not KL on ImageNet logits) and the augmentation of the distillation images
+# (DeiT's, not light).
+CAUSES: dict[str, dict[str, object]] = {"feat": {"loss": "feat"}, "deit-aug": {"preset": "paper"}}
+# The ToCom paper's Table 5 ablations at equal parameters: the standard plugin stores 16 groups of
+# rank 2 (run_distill's defaults), so one shared group gets rank 32, and separate groups for raising
+# and lowering the degree (32 of them) get rank 1 each; and cross-entropy on the ImageNet labels in
+# place of KL to the backbone at the source degree.
+STANDARD_GROUPS, STANDARD_RANK = 16, 2
+ABLATIONS: dict[str, dict[str, object]] = {
+    "shared": {"variant": "shared", "rank": STANDARD_GROUPS * STANDARD_RANK},
+    "no-inversion": {"variant": "no_inversion", "rank": STANDARD_RANK // 2},
+    "ce": {"loss": "ce"},
+}
+VARIANTS: dict[str, dict[str, object]] = {**CAUSES, **ABLATIONS}
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ class Protocol:
     generated_test: int = 2000
     test_images: int | None = None  # None: the whole test split
     eval_batch: int = 250
-    variants: tuple[str, ...] = ("feat", "deit-aug")
+    variants: tuple[str, ...] = ("feat", "deit-aug", "shared", "no-inversion", "ce")
     variant_seeds: tuple[int, ...] = (0,)  # paired with the standard plugin of the same seed
     # PYRA endpoint: the PYRA paper's recipe at its ``high`` schedule, for this protocol's epochs and
     # batch; the modulator's learning rate is picked per task on val200 from this grid.
@@ -148,17 +161,28 @@ class Evidence:
         return self._digests[key]
 
     def distill_split(self) -> tuple[Path, Path]:
-        """Links to the ImageNet sample: nine tenths to distil on, every tenth image held out."""
+        """Links to the ImageNet sample: nine tenths to distil on, every tenth image held out; each
+        part with the ``labels.txt`` lines of its images (the ``ce`` variant trains on them)."""
         source = self.shared / "data/imagenet-sample"
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-        train, held = self.work / "distill-data/train", self.work / "distill-data/holdout"
-        if not held.is_dir() or len(list(held.iterdir())) != len(files[::10]):
-            for folder in (train, held):
+        images = (".jpeg", ".jpg", ".png")
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in images)
+        labels = source / "labels.txt"
+        lines = ({ln.split()[0]: ln for ln in labels.read_text().splitlines() if ln.strip()}
+                 if labels.is_file() else {})
+        parts = {self.work / "distill-data/holdout": files[::10],
+                 self.work / "distill-data/train": [f for i, f in enumerate(files) if i % 10]}
+        held, train = parts
+        linked = held.is_dir() and sum(p.suffix.lower() in images for p in held.iterdir()) == len(parts[held])
+        if not linked or (lines and not (held / "labels.txt").is_file()):
+            for folder, part in parts.items():
                 folder.mkdir(parents=True, exist_ok=True)
                 for old in folder.iterdir():
                     old.unlink()
-            for i, path in enumerate(files):
-                os.symlink(path.resolve(), (held if i % 10 == 0 else train) / path.name)
+                for path in part:
+                    os.symlink(path.resolve(), folder / path.name)
+                if lines:
+                    kept = [lines[f.name] for f in part if f.name in lines]
+                    (folder / "labels.txt").write_text("".join(line + "\n" for line in kept))
         return train, held
 
     # ----- units --------------------------------------------------------------------------

@@ -45,9 +45,13 @@ PRESETS = {
 
 
 class LabelledFiles(Dataset):
-    """Images of a folder with labels from ``labels.txt`` (``FILE CLASS``) when present, else 0."""
+    """Images of a folder with labels from ``labels.txt`` (``FILE CLASS``) when present, else 0.
 
-    def __init__(self, root: str | Path, transform, decode_once: bool = False):
+    ``require_labels``: refuse a folder without ``labels.txt`` or with an image it does not list
+    (the ``ce`` loss would otherwise learn that every image is class 0).
+    """
+
+    def __init__(self, root: str | Path, transform, decode_once: bool = False, require_labels: bool = False):
         self.files = ImageFiles(root, transform, decode_once=decode_once)
         labels_file = Path(root) / "labels.txt"
         self.labels: dict[str, int] = {}
@@ -59,6 +63,15 @@ class LabelledFiles(Dataset):
                 if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                     raise ValueError(f"{labels_file}:{i}: expected 'FILE CLASS', got {line!r}")
                 self.labels[parts[0]] = int(parts[1])
+        if require_labels:
+            if not labels_file.is_file():
+                raise FileNotFoundError(f"{labels_file} is missing: this loss trains on labels; write one "
+                                        "'FILE CLASS' line per image there, or use loss 'kd' (no labels)")
+            missing = [str(f.relative_to(self.files.root)) for f in self.files.files
+                       if str(f.relative_to(self.files.root)) not in self.labels]
+            if missing:
+                raise ValueError(f"{labels_file} has no label for {len(missing)} of {len(self.files)} images "
+                                 f"(first: {missing[0]}); add a 'FILE CLASS' line for each")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -101,7 +114,9 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     torch.manual_seed(seed)  # A's random init: the same seed must give the same plugin
     plugin = Compensator.init_for(model, groups=groups, rank=rank, scale=scale, method=method,
                                   variant=variant, arch=model_name, mode=mode)
-    dataset = LabelledFiles(data, train_transform(p.augment, model_or_cfg=model), decode_once=decode_once)
+    needs_labels = loss == "ce"
+    dataset = LabelledFiles(data, train_transform(p.augment, model_or_cfg=model), decode_once=decode_once,
+                            require_labels=needs_labels)
     if steps is None:
         steps = max(1, (epochs or p.epochs) * (len(dataset) // (batch_size * distributed.world_size())))
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=p.weight_decay,
@@ -115,7 +130,7 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
         holdout_pairs = holdout_pairs or ((0, max_r), (max_r, 0), (0, half), (half, max_r))
         for pair in holdout_pairs:
             plugin.check_degree(max(pair))
-        held = LabelledFiles(holdout, eval_transform(model))
+        held = LabelledFiles(holdout, eval_transform(model), require_labels=needs_labels)
         hook = holdout_hook(held, holdout_pairs, batch_size)
     start = time.time()
     curve = []
