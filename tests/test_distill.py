@@ -193,9 +193,9 @@ def test_holdout_curve_starts_at_the_loss_of_compression_alone(tmp_path):
     from tocom.models.loading import create_model
 
     ckpt, images = tiny_checkpoint(tmp_path), image_folder(tmp_path, n=6)
-    _, summary = run_distill("vit_tiny_patch16_224", images, checkpoint=str(ckpt), max_r=4, steps=4,
-                             batch_size=4, out=tmp_path / "p.tocom.safetensors", num_workers=0,
-                             progress=False, holdout=images, holdout_pairs=((0, 4),), eval_every=2)
+    kwargs = dict(checkpoint=str(ckpt), max_r=4, steps=4, batch_size=4, out=tmp_path / "p.tocom.safetensors",
+                  num_workers=0, progress=False, holdout=images, holdout_pairs=((0, 4),), eval_every=2)
+    _, summary = run_distill("vit_tiny_patch16_224", images, **kwargs)
     curve = summary["holdout_curve"]
     assert [point["step"] for point in curve] == [0, 2, 4]
     model = tocom.patch(create_model("vit_tiny_patch16_224", str(ckpt)).eval())  # no plugin at all
@@ -209,6 +209,9 @@ def test_holdout_curve_starts_at_the_loss_of_compression_alone(tmp_path):
     kl = torch.nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True).item()
     assert curve[0]["loss_0_to_4"] == pytest.approx(kl, rel=1e-4)
     assert curve[-1]["loss_0_to_4"] != curve[0]["loss_0_to_4"]  # the trained plugin changed it
+    # a resume keeps the whole curve, compression alone included
+    _, resumed = run_distill("vit_tiny_patch16_224", images, **kwargs, resume=True)
+    assert resumed["holdout_curve"] == curve
 
 
 def test_distill_cli_records_the_holdout_curve_at_pairs_that_fit_max_r(tmp_path):

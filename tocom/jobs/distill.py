@@ -7,6 +7,7 @@ a few thousand images on a CPU (light augmentation, batch 32, lr 1e-3, a few hun
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tocom.atomic import atomic_write
 from tocom.compensator import Compensator, DistillObjective
 from tocom.data import ImageFiles, eval_transform, train_transform
 from tocom.jobs.evaluate import make_loader
@@ -134,8 +136,15 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
         hook = holdout_hook(held, holdout_pairs, batch_size)
     start = time.time()
     curve = []
+    # compression alone, scored before the first step; kept in the run folder for a resume
+    step0 = run_dir / "step0.json"
     if hook is not None and not resume:
         curve.append({"step": 0, **_at_device(hook, objective, device)})
+        if distributed.rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(step0, lambda tmp: Path(tmp).write_text(json.dumps(curve[0])))
+    elif hook is not None and step0.is_file():
+        curve.append(json.loads(step0.read_text()))
     result = train(objective, dataset, config, out_dir=run_dir, resume=resume, device=device, evaluate=hook)
     # A resumed run's own result lacks the evaluations made before the interruption; the log has them.
     curve += logged_evals(run_dir) if resume else result.evals
