@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from tocom.experiments.evidence import Evidence
 from tocom.experiments.evidence_report import (
+    pyra_curves,
     pyra_records,
     pyra_results,
     render_extra,
@@ -132,6 +134,22 @@ def test_pyra_predictions_and_curves_are_written_per_task(ev, tmp_path):
     assert (records.pred[lora] == records.label).mean() == 0.5
     assert (records.pred[pyra] == records.label).mean() == 0.75
     assert (tmp_path / "out" / "evidence-pyra.png").stat().st_size > 0
+    curves = pyra_curves(ev, units)
+    assert curves["ToMe + LoRA"] == [(1, 0.25), (2, 0.5)]
+    assert curves[f"PYRA, modulator lr {ev.p.pyra_modulator_lrs[0]:g}"] == [(1, 0.25), (2, 0.75)]
+    # one LoRA unit evaluated a step less: only the step every unit has is averaged
+    units[(ev.p.tasks[0], 0, "lora", None)]["curve"] = [[1, 0.25]]
+    assert pyra_curves(ev, units)["ToMe + LoRA"] == [(1, 0.25)]
+
+
+def test_pyra_units_without_a_validation_accuracy_are_flagged(ev):
+    write_pyra_units(ev, test={"lora": 0.5, "pyra": 0.7}, val={"lora": 0.5, "pyra": 0.9})
+    units, _ = pyra_records(ev, (0,))
+    path = ev._pyra_record(ev.pyra_path(ev.p.tasks[0], 0, "lora", None))
+    write(path, {**units[(ev.p.tasks[0], 0, "lora", None)], "val_acc": None})
+    out = pyra_results(ev, (0,))
+    assert math.isnan(out["val_acc"][f"{ev.p.tasks[0]} lora"])
+    assert "Some units have no validation accuracy" in render_extra({"not run": [], "variants": {}}, out)
 
 
 def test_the_command_line_accepts_every_stage():
@@ -190,6 +208,8 @@ def test_distill_split_gives_each_part_the_labels_of_its_images(ev):
     assert lines[train] == [f"{n} {i}" for i, n in enumerate(names) if i % 10]
     linked = sorted(p.name for p in train.iterdir() if p.suffix == ".jpg")
     assert linked == [n for i, n in enumerate(names) if i % 10]
-    (held / "labels.txt").unlink()  # a split made before labels were split is made again
+    (held / "labels.txt").unlink()  # a split made before labels were split gets them
+    (train / names[3]).unlink()  # as if killed while linking
     ev.distill_split()
-    assert (held / "labels.txt").is_file()
+    assert (held / "labels.txt").read_text().split("\n")[:-1] == lines[held]
+    assert sorted(p.name for p in train.iterdir() if p.suffix == ".jpg") == linked

@@ -158,6 +158,33 @@ def test_resume_is_bit_identical(tmp_path: Path, workers: tuple[int, int, int]) 
     assert logged_evals(tmp_path / "b")[-1] == res.evals[-1]
 
 
+def test_a_run_killed_while_evaluating_redoes_the_evaluation_on_resume(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=10, lr=1e-2, batch_size=8, checkpoint_every=5, eval_every=5, progress=False)
+    calls = []
+
+    def evaluate(obj: nn.Module, step: int) -> dict[str, float]:
+        calls.append(step)
+        if len(calls) == 2:  # the final evaluation, the first time: the process dies here
+            raise KeyboardInterrupt
+        return {"score": float(step)}
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make(), ToyData(), cfg, out_dir=tmp_path, device="cpu", evaluate=evaluate)
+    res = train(make(), ToyData(), cfg, out_dir=tmp_path, device="cpu", evaluate=evaluate, resume=True)
+    assert res.step == 10 and calls == [5, 10, 10]
+    assert logged_evals(tmp_path) == [{"step": 5, "score": 5.0}, {"step": 10, "score": 10.0}]
+
+
+def test_a_fresh_run_clears_an_older_runs_log_and_checkpoint(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=6, lr=1e-2, batch_size=8, eval_every=2, progress=False)
+    score = lambda obj, step: {"score": 1.0}  # noqa: E731
+    train(make(), ToyData(), cfg, out_dir=tmp_path, device="cpu", evaluate=score)
+    train(make(), ToyData(), cfg, out_dir=tmp_path, device="cpu", evaluate=score, stop_after=3)
+    assert [e["step"] for e in logged_evals(tmp_path)] == [2]  # not the older run's 2, 4, 6 as well
+    res = train(make(), ToyData(), cfg, out_dir=tmp_path, device="cpu", evaluate=score, resume=True)
+    assert [e["step"] for e in logged_evals(tmp_path)] == [2, 4, 6] and res.step == 6
+
+
 def test_resume_errors(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=6, lr=1e-2, batch_size=8, progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

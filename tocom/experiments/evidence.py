@@ -162,7 +162,11 @@ class Evidence:
 
     def distill_split(self) -> tuple[Path, Path]:
         """Links to the ImageNet sample: nine tenths to distil on, every tenth image held out; each
-        part with the ``labels.txt`` lines of its images (the ``ce`` variant trains on them)."""
+        part with the ``labels.txt`` lines of its images (the ``ce`` variant trains on them).
+
+        A part whose links or labels differ from what they should be (a killed run, an older
+        version) is made again. The ``data`` stage makes them before shards run in parallel.
+        """
         source = self.shared / "data/imagenet-sample"
         images = (".jpeg", ".jpg", ".png")
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in images)
@@ -171,18 +175,19 @@ class Evidence:
                  if labels.is_file() else {})
         parts = {self.work / "distill-data/holdout": files[::10],
                  self.work / "distill-data/train": [f for i, f in enumerate(files) if i % 10]}
-        held, train = parts
-        linked = held.is_dir() and sum(p.suffix.lower() in images for p in held.iterdir()) == len(parts[held])
-        if not linked or (lines and not (held / "labels.txt").is_file()):
-            for folder, part in parts.items():
-                folder.mkdir(parents=True, exist_ok=True)
+        for folder, part in parts.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            linked = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in images)
+            if linked != [f.name for f in part]:
                 for old in folder.iterdir():
                     old.unlink()
                 for path in part:
                     os.symlink(path.resolve(), folder / path.name)
-                if lines:
-                    kept = [lines[f.name] for f in part if f.name in lines]
-                    (folder / "labels.txt").write_text("".join(line + "\n" for line in kept))
+            text = "".join(lines[f.name] + "\n" for f in part if f.name in lines)
+            target = folder / "labels.txt"
+            if lines and not (target.is_file() and target.read_text() == text):
+                atomic_write(target, lambda tmp, text=text: Path(tmp).write_text(text))
+        held, train = parts
         return train, held
 
     # ----- units --------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def pyra_results(ev: Evidence, seeds: tuple[int, ...]) -> dict:
         return np.stack([correctness(r["test"]["predictions"], r["test"]["labels"], r["model"])
                          for r in rows])
 
-    val_acc = {(t, m, lr): float(np.mean([records[(t, seed, m, lr)]["val_acc"] for seed in seeds]))
+    val_acc = {(t, m, lr): float(np.mean([_or_nan(records[(t, s, m, lr)].get("val_acc")) for s in seeds]))
                for t in ev.p.tasks for m, lr in arms}
     pyra_lrs = [lr for method, lr in arms if method == "pyra"]
     # ties: the smaller rate
@@ -243,7 +243,25 @@ def pyra_results(ev: Evidence, seeds: tuple[int, ...]) -> dict:
     val_acc = {f"{t} {m}{'' if lr is None else f' mlr {lr:g}'}": v for (t, m, lr), v in val_acc.items()}
     return {"schedule": ev.p.pyra_schedule, "modulator_lr_chosen": chosen, "endpoint": endpoint.as_dict(),
             "per_arm": per_arm, "per_task": per_task, "val_acc": val_acc,
-            "seeds": list(seeds)}
+            "mean_val_curves": pyra_curves(ev, records), "seeds": list(seeds)}
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def pyra_curves(ev: Evidence, records: dict[tuple, dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per arm, the val200 accuracy against the training step, mean over tasks and seeds, at the
+    steps every unit of the arm evaluated (units of one protocol share them); arms without
+    curves are left out."""
+    curves = {}
+    for method, lr in ev.pyra_arms():
+        arm = [dict(map(tuple, r["curve"])) for (_, _, m, rate), r in records.items()
+               if (m, rate) == (method, lr) and r.get("curve")]
+        steps = sorted(set.intersection(*(set(c) for c in arm))) if arm else []
+        if steps:
+            curves[_arm_label(method, lr)] = [(s, float(np.mean([c[s] for c in arm]))) for s in steps]
+    return curves
 
 
 def _arm_label(method: str, lr: float | None) -> str:
@@ -267,14 +285,7 @@ def write_pyra_outputs(ev: Evidence, records: dict[tuple, dict], out: Path) -> l
             write_records(path, Records.from_runs(np.arange(len(labels)), labels, runs,
                                                   source=f"evidence/pyra/{task}"))
             files.append(path.name)
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for method, lr in ev.pyra_arms():
-        # units of one protocol share the evaluation steps; only whole columns are averaged
-        arm = [dict(map(tuple, r["curve"])) for (_, _, m, rate), r in records.items()
-               if (m, rate) == (method, lr) and r.get("curve")]
-        steps = sorted(set.intersection(*(set(c) for c in arm))) if arm else []
-        if steps:
-            curves[_arm_label(method, lr)] = [(s, float(np.mean([c[s] for c in arm]))) for s in steps]
+    curves = pyra_curves(ev, records)
     if curves:
         accuracy_plot(curves, out / "evidence-pyra.png", f"val200 while fine-tuning at {ev.p.pyra_schedule}, "
                       "mean over tasks and seeds", xlabel="training step")
@@ -481,6 +492,7 @@ def render_extra(variants: dict, pyra: dict) -> str:
     if any(math.isnan(v) for v in pyra["val_acc"].values()):
         lines.append("Some units have no validation accuracy; their choice of rate is unreliable.")
     lines += ["", "Mean val200 accuracy at the end of fine-tuning, over seeds (what picks the rate): "
-              + "; ".join(f"{k} {100 * v:.1f}%" for k, v in pyra["val_acc"].items()) + ".",
-              "", "![val200 accuracy while fine-tuning, per arm](evidence-pyra.png)"]
+              + "; ".join(f"{k} {100 * v:.1f}%" for k, v in pyra["val_acc"].items()) + "."]
+    if pyra.get("mean_val_curves"):  # the plot is drawn from the same curves
+        lines += ["", "![val200 accuracy while fine-tuning, per arm](evidence-pyra.png)"]
     return "\n".join(lines) + "\n"

@@ -136,15 +136,16 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
         hook = holdout_hook(held, holdout_pairs, batch_size)
     start = time.time()
     curve = []
-    # compression alone, scored before the first step; kept in the run folder for a resume
+    # compression alone, scored before the first step and kept in the run folder for a resume (the
+    # plugin is still at its seeded start here, so a folder from before step0.json gets it anew)
     step0 = run_dir / "step0.json"
-    if hook is not None and not resume:
+    if hook is not None and resume and step0.is_file():
+        curve.append(json.loads(step0.read_text()))
+    elif hook is not None:
         curve.append({"step": 0, **_at_device(hook, objective, device)})
         if distributed.rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(step0, lambda tmp: Path(tmp).write_text(json.dumps(curve[0])))
-    elif hook is not None and step0.is_file():
-        curve.append(json.loads(step0.read_text()))
     result = train(objective, dataset, config, out_dir=run_dir, resume=resume, device=device, evaluate=hook)
     # A resumed run's own result lacks the evaluations made before the interruption; the log has them.
     curve += logged_evals(run_dir) if resume else result.evals

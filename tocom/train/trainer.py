@@ -142,6 +142,9 @@ def _train(objective: nn.Module, dataset: Dataset, config: TrainConfig, out_dir:
             _truncate_log(log_path, step)  # drop records logged after the checkpoint, they get redone
     else:
         _seed_everything(mix_seed(config.seed, rank))  # per rank, so dropout noise differs across ranks
+        if main:  # a fresh run owns its folder: an older run's records must not leak into this one's resume
+            log_path.unlink(missing_ok=True)
+            ckpt_path.unlink(missing_ok=True)
     model = objective
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -194,14 +197,16 @@ def _train(objective: nn.Module, dataset: Dataset, config: TrainConfig, out_dir:
                 bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{images_per_s:.0f}")
                 sums, count, tic = {}, 0, time.perf_counter()
             pause = time.perf_counter()
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end:
-                _save(ckpt_path, objective, optimizer, scaler, step, config, world, main)
-                result.checkpoint = ckpt_path
+            # evaluate before saving: a checkpoint then implies its step's evaluation is logged, so a
+            # run killed mid-evaluation redoes it rather than resuming past it (the RNG is unaffected)
             if evaluate is not None and ((config.eval_every and step % config.eval_every == 0)
                                          or step == config.steps):
                 scores = _evaluate(objective, evaluate, step)
                 result.evals.append(scores)
                 write({"kind": "eval", **scores})
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end:
+                _save(ckpt_path, objective, optimizer, scaler, step, config, world, main)
+                result.checkpoint = ckpt_path
             tic += time.perf_counter() - pause  # img/s measures training only
             if step >= end:
                 break
