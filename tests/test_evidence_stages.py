@@ -111,9 +111,10 @@ def write_pyra_units(ev, test: dict[str, float], val: dict[str, float]) -> None:
 
 
 def test_pyra_endpoint_picks_the_rate_on_val_and_pools_whole_seeds(ev):
-    assert pyra_results(ev, (0,)) == {"not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
+    assert pyra_results(ev, *pyra_records(ev, (0,))) == {
+        "not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
     write_pyra_units(ev, test={"lora": 0.5, "pyra": 0.7}, val={"lora": 0.5, "pyra": 0.9})
-    out = pyra_results(ev, (0,))
+    out = pyra_results(ev, *pyra_records(ev, (0,)))
     assert out["modulator_lr_chosen"] == {t: ev.p.pyra_modulator_lrs[0] for t in ev.p.tasks}
     assert out["endpoint"]["difference"] == pytest.approx(0.2)
     assert out["endpoint"]["accuracy_a"] == pytest.approx(0.5)
@@ -125,7 +126,7 @@ def test_pyra_predictions_and_curves_are_written_per_task(ev, tmp_path):
     write_pyra_units(ev, test={"lora": 0.5, "pyra": 0.75}, val={"lora": 0.5, "pyra": 0.75})
     units, seeds = pyra_records(ev, (0, 1))
     assert seeds == (0,) and len(units) == len(ev.p.tasks) * len(ev.pyra_arms())
-    files = write_pyra_outputs(ev, units, tmp_path / "out")
+    files = write_pyra_outputs(ev, units, pyra_curves(ev, units), tmp_path / "out")
     assert files == [*(f"evidence-pyra-{t}.predictions.npz" for t in ev.p.tasks), "evidence-pyra.png"]
     records = read_records(tmp_path / "out" / files[0])
     assert records.label.tolist() == LABELS and len(records.configs) == len(ev.pyra_arms())
@@ -147,7 +148,7 @@ def test_pyra_units_without_a_validation_accuracy_are_flagged(ev):
     units, _ = pyra_records(ev, (0,))
     path = ev._pyra_record(ev.pyra_path(ev.p.tasks[0], 0, "lora", None))
     write(path, {**units[(ev.p.tasks[0], 0, "lora", None)], "val_acc": None})
-    out = pyra_results(ev, (0,))
+    out = pyra_results(ev, *pyra_records(ev, (0,)))
     assert math.isnan(out["val_acc"][f"{ev.p.tasks[0]} lora"])
     assert "Some units have no validation accuracy" in render_extra({"not run": [], "variants": {}}, out)
 

@@ -215,11 +215,11 @@ def pyra_records(ev: Evidence, seeds: tuple[int, ...]) -> tuple[dict[tuple, dict
     return records, tuple(complete)
 
 
-def pyra_results(ev: Evidence, seeds: tuple[int, ...]) -> dict:
+def pyra_results(ev: Evidence, records: dict[tuple, dict], seeds: tuple[int, ...]) -> dict:
     """Endpoint 4: PYRA (modulator lr picked per task on the mean val200 accuracy over seeds) minus
-    ToMe + LoRA at the ``high`` schedule, pooled over tasks and seeds; every arm beside it."""
+    ToMe + LoRA at the ``high`` schedule, pooled over tasks and seeds; every arm beside it.
+    ``records, seeds``: what :func:`pyra_records` gives."""
     arms = ev.pyra_arms()
-    records, seeds = pyra_records(ev, seeds)
     if not seeds:
         return {"not run": "no seed has every PYRA and LoRA unit: run the pyra stage"}
 
@@ -268,10 +268,11 @@ def _arm_label(method: str, lr: float | None) -> str:
     return "ToMe + LoRA" if method == "lora" else f"PYRA, modulator lr {lr:g}"
 
 
-def write_pyra_outputs(ev: Evidence, records: dict[tuple, dict], out: Path) -> list[str]:
+def write_pyra_outputs(ev: Evidence, records: dict[tuple, dict], curves: dict[str, list[tuple[int, float]]],
+                       out: Path) -> list[str]:
     """``evidence-pyra-{task}.predictions.npz`` (one row per (seed, method, modulator lr), run at
-    the schedule it was fine-tuned at) and ``evidence-pyra.png`` (val200 accuracy against the
-    training step, mean over tasks and seeds, per arm); returns the file names written."""
+    the schedule it was fine-tuned at) and ``evidence-pyra.png`` of ``curves`` (what
+    :func:`pyra_curves` gives; no plot when empty); returns the file names written."""
     files = []
     for task in ev.p.tasks:
         runs, labels = [], None
@@ -285,7 +286,6 @@ def write_pyra_outputs(ev: Evidence, records: dict[tuple, dict], out: Path) -> l
             write_records(path, Records.from_runs(np.arange(len(labels)), labels, runs,
                                                   source=f"evidence/pyra/{task}"))
             files.append(path.name)
-    curves = pyra_curves(ev, records)
     if curves:
         accuracy_plot(curves, out / "evidence-pyra.png", f"val200 while fine-tuning at {ev.p.pyra_schedule}, "
                       "mean over tasks and seeds", xlabel="training step")
@@ -334,9 +334,9 @@ def analyze(ev: Evidence, out: Path) -> dict:
         curves["plugins"][f"seed{seed}"] = json.loads(summary.read_text()).get("holdout_curve")
     _plots(an, ev, curves["plugins"], out)
     variants = variant_results(ev, records, seeds)
-    pyra = pyra_results(ev, seeds)
-    pyra_units, _ = pyra_records(ev, seeds)
-    files += write_pyra_outputs(ev, pyra_units, out)
+    pyra_units, pyra_seeds = pyra_records(ev, seeds)
+    pyra = pyra_results(ev, pyra_units, pyra_seeds)
+    files += write_pyra_outputs(ev, pyra_units, pyra.get("mean_val_curves", {}), out)
     curves["pyra"] = {f"{t}_{m}{'' if lr is None else f'-mlr{lr:g}'}_seed{seed}": r.get("curve")
                       for (t, seed, m, lr), r in pyra_units.items()}
     ran_on = [r.get("ran_on") for r in records] + [r.get("ran_on") for r in pyra_units.values()]
