@@ -30,6 +30,26 @@ def _points(d: PairedDifference) -> str:
     return f"{100 * d.difference:+.2f} [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}]"
 
 
+def table(none: np.ndarray, right: dict[str, np.ndarray],
+          scales: dict[str, str]) -> dict[str, tuple[PairedDifference, PairedDifference | None]]:
+    """Print each plugin's top-1, gain and difference from the first plugin as a Markdown table.
+
+    ``none``: ``(N,)`` correctness without a plugin; ``right[name]``: ``(N,)`` with it, on the same
+    N test images (or (model, image) cells). Returns per plugin (gain, difference from the first).
+    """
+    first = next(iter(right))
+    print("| plugin | scale (val) | top-1 (%) | gain (points) [95% CI] | vs " + first + " [95% CI] |")
+    print("|---|---|---|---|---|")
+    out = {}
+    for name, correct in right.items():
+        gain = paired_difference(none, correct)
+        versus = None if name == first else paired_difference(right[first], correct)
+        print(f"| {name} | {scales[name]} | {100 * correct.mean():.2f} | {_points(gain)} | "
+              f"{'-' if versus is None else _points(versus)} |")
+        out[name] = (gain, versus)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a tocom finetune checkpoint")
@@ -64,17 +84,10 @@ def main() -> None:
     labels = np.asarray(base.labels)
     right = {name: np.asarray(row["predictions"]) == labels for name, row in rows.items()}
     none = np.asarray(base.predictions) == labels
-    first = next(iter(rows))
     print(f"{args.checkpoint}: {args.source} -> {args.target}, {len(labels)} test images; "
           f"without a plugin {100 * none.mean():.2f}%")
-    print("| plugin | scale (val) | top-1 (%) | gain (points) [95% CI] | vs " + first + " [95% CI] |")
-    print("|---|---|---|---|---|")
-    for name, row in rows.items():
-        gain = paired_difference(none, right[name])
-        versus = None if name == first else paired_difference(right[first], right[name])
-        row.update(gain=gain.as_dict(), versus_first=versus and versus.as_dict())
-        print(f"| {name} | {row['scale']:g} | {100 * row['accuracy']:.2f} | {_points(gain)} | "
-              f"{'-' if versus is None else _points(versus)} |")
+    for name, (gain, versus) in table(none, right, {n: f"{r['scale']:g}" for n, r in rows.items()}).items():
+        rows[name].update(gain=gain.as_dict(), versus_first=versus and versus.as_dict())
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "source": args.source,
                                               "target": args.target, "labels": labels.tolist(),
