@@ -5,6 +5,7 @@
 #   base1 - the same with seed 1: how far two runs of one recipe differ by chance;
 #   rank8 - four times the rank (is the plugin too small?);
 #   half  - every other one of the 900 images (does the amount of data limit it?);
+#   quarter - every fourth one (a third point for the amount of data);
 #   feat  - L1 on the features the head reads instead of KL on ImageNet logits (the objective);
 #   deitaug - DeiT's augmentation of the distillation images instead of the light one;
 # and the ToCom paper's Table 5 ablations at the standard plugin's parameter count:
@@ -19,16 +20,21 @@
 set -eu
 D=runs/evidence/paper-mini/distill-data
 OUT=${1:-runs/causes}
-mkdir -p "$OUT/half"
+# remade each time from the sorted image names, so a rerun links the same images; labels.txt (all 900
+# labels) stays out: it would shift every other image into the half, and no run here reads labels
+rm -rf "$OUT/half" "$OUT/quarter"
+mkdir -p "$OUT/half" "$OUT/quarter"
 i=0
 for f in "$D"/train/*; do
+  [ "$(basename "$f")" = labels.txt ] && continue
   if [ $((i % 2)) -eq 0 ]; then ln -sf "$(readlink -f "$f")" "$OUT/half/"; fi
+  if [ $((i % 4)) -eq 0 ]; then ln -sf "$(readlink -f "$f")" "$OUT/quarter/"; fi
   i=$((i + 1))
 done
 common=(--checkpoint ../shared/weights/deit_tiny_patch16_224.safetensors --steps 400 --batch-size 32
         --lr 1e-3 --seed 0 --holdout "$D/holdout" --eval-every 100 --decode-once --workers 1
         --checkpoint-every 100)
-for cfg in "base:$D/train:2:" "base1:$D/train:2:--seed 1" "rank8:$D/train:8:" "half:$OUT/half:2:" "feat:$D/train:2:--loss feat" \
+for cfg in "base:$D/train:2:" "base1:$D/train:2:--seed 1" "rank8:$D/train:8:" "half:$OUT/half:2:" "quarter:$OUT/quarter:2:" "feat:$D/train:2:--loss feat" \
            "deitaug:$D/train:2:--preset paper" "shared:$D/train:32:--variant shared" \
            "noinv:$D/train:1:--variant no_inversion" "ce:$D/train:2:--loss ce"; do
   IFS=: read -r name data rank extra <<<"$cfg"
@@ -56,7 +62,7 @@ hook = holdout_hook(LabelledFiles(held, eval_transform(model)), [(0, 16), (16, 0
 torch.set_num_threads(2)
 print("Held-out KL at the end of each run (KL whatever loss the run trained on; step 0 is compression alone)")
 print("| run | 0->16 | 16->0 | 0->8 | 8->16 |\n|---|---|---|---|---|")
-for name in ("none", "base", "base1", "rank8", "half", "feat", "deitaug", "shared", "noinv", "ce"):
+for name in ("none", "base", "base1", "rank8", "half", "quarter", "feat", "deitaug", "shared", "noinv", "ce"):
     plugin = Compensator.load(out / f"{'base' if name == 'none' else name}.tocom.safetensors")
     if name == "none":
         plugin.B.data.zero_()  # delta = B A = 0: compression alone
