@@ -48,5 +48,6 @@ def main() -> None:
     scales = {name: ", ".join(f"{run['plugins'][name]['scale']:g}" for run in runs) for name in right}
     table(none, right, scales)
 
+
 if __name__ == "__main__":
     main()
