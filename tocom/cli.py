@@ -82,6 +82,21 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from tocom.jobs.adapt import AdaptConfig, run_adapt
+
+    config = AdaptConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                         seed=args.seed, device=args.device)
+    _, record = run_adapt(args.model, args.checkpoint, args.plugin, args.data, args.out, config,
+                          source=args.source, run_dir=args.run_dir, resume=args.resume)
+    kl = record["held_out_kl"]
+    mean = {k: sum(v.values()) / len(v) for k, v in kl.items()}
+    print(f"wrote {args.out}: adapted to {record['checkpoint']} at source {record['source']} on "
+          f"{record['images']} images in {record['wall_s']:.0f} s; held-out KL (mean over degrees) "
+          f"no plugin {mean['none']:.4f}, universal {mean['universal']:.4f}, adapted {mean['adapted']:.4f} "
+          f"(step {record['picked_step']} of {record['steps']})")
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from tocom.jobs.finetune import run_finetune
     from tocom.train import distributed
@@ -201,6 +216,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from tocom.finetuned import FINETUNE_METHODS
+    from tocom.jobs.adapt import AdaptConfig
     from tocom.jobs.finetune import PRESETS
 
     parser = argparse.ArgumentParser(prog="tocom", description=__doc__)
@@ -251,6 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="with --holdout: steps between measurements")
     _add_run_args(p, "compensator.tocom.safetensors")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("adapt", help="adapt a universal plugin to one fine-tuned model, without labels")
+    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("--checkpoint", required=True, help="the tocom finetune checkpoint to adapt to")
+    p.add_argument("--plugin", required=True, help="the universal plugin to start from")
+    p.add_argument("--data", required=True,
+                   help="any folder of the task's images (searched recursively; labels are never read)")
+    p.add_argument("--source", type=int,
+                   help="the model's source degree (default: what the checkpoint records)")
+    p.add_argument("--steps", type=int, default=AdaptConfig.steps)
+    p.add_argument("--batch-size", type=int, default=AdaptConfig.batch_size)
+    p.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    p.add_argument("--eval-every", type=int, default=AdaptConfig.eval_every,
+                   help="steps between held-out evaluations (the stopping rule)")
+    p.add_argument("--out", required=True, help="the adapted plugin file to write")
+    p.add_argument("--run-dir", help="checkpoints and metrics (default: OUT.run)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("finetune", help="fine-tune on a labelled dataset under a compression schedule")
     _add_model_args(p)

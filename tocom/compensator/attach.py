@@ -16,6 +16,7 @@ on another thread never sees a half-switched model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from tocom.models import (
     set_plugin_hooks,
     state_lock,
     unpatch,
+    weights_fingerprint,
 )
 from tocom.peft import base_linear
 
@@ -163,6 +165,7 @@ def attach(model: nn.Module, plugin: CompensatorBank, source: int, scale: float 
     plugin.check_degree(source)
     if _KEY in model.__dict__:
         raise ValueError("a compensator is already attached; call tocom.detach(model) first")
+    _warn_if_adapted_elsewhere(plugin, model, source)
     if not is_patched(model):
         patch(model, plugin.spec.method, mode=plugin.spec.mode)
     elif model._tocom.method != plugin.spec.method:
@@ -179,6 +182,22 @@ def attach(model: nn.Module, plugin: CompensatorBank, source: int, scale: float 
         set_plugin_hooks(model, PluginHooks(plugin.spec.method, _at_degree, detach, plugin.spec.mode))
         model.r = source
     return model
+
+
+def _warn_if_adapted_elsewhere(plugin: CompensatorBank, model: nn.Module, source: int) -> None:
+    """One line when an adapted plugin meets weights or a source degree it was not adapted to: it
+    still works as a plugin, but what adaptation bought belongs to the other model."""
+    adapted = plugin.spec.adapted
+    if not adapted:
+        return
+    if adapted.get("weights_sha256") not in (None, weights_fingerprint(model)):
+        warnings.warn(f"this plugin was adapted to another model ({adapted.get('checkpoint', '?')}, weights "
+                      f"{adapted['weights_sha256'][:12]}); on these weights it is no better than the "
+                      "universal plugin it started from, so adapt it to this model (tocom adapt)",
+                      stacklevel=3)
+    elif adapted.get("source") not in (None, source):
+        warnings.warn(f"this plugin was adapted to source degree {adapted['source']}, not {source}; "
+                      "adapt it again with --source", stacklevel=3)
 
 
 @torch.no_grad()

@@ -45,6 +45,9 @@ class PluginSpec:
     recipe: dict = field(default_factory=dict)
     mode: str = "standard"  # the compression mode it was distilled in (tocom.patch's mode)
     family: str = "timm-vit"  # backbone family (tocom.models.family_of); files before it were all timm-vit
+    # Empty for a universal plugin; for one adapted to a fine-tuned model (tocom.adapt): that model's
+    # checkpoint and weights fingerprint, its source degree, the images and the recipe.
+    adapted: dict = field(default_factory=dict)
 
     @property
     def max_degree(self) -> int:

@@ -6,6 +6,7 @@ dispatches ``patch``, ``unpatch``, ``dims_of`` and ``schedule_report`` to the ri
 
 from tocom.models.adapter import Adapter, Projection, QVProjections
 from tocom.models.blocks import COMPRESSION_METHODS, CompressionConfig, QVDelta, TokenState
+from tocom.models.fingerprint import weights_fingerprint
 from tocom.models.lock import StateLock
 from tocom.models.registry import (
     adapter_for,
@@ -25,5 +26,5 @@ __all__ = [
     "COMPRESSION_METHODS", "SUPPORTED", "Adapter", "CompressionConfig", "PluginHooks", "Projection",
     "QVDelta", "QVProjections", "StateLock", "TokenState", "adapter_for", "dims_of", "family_of",
     "is_patched", "patch", "plugin_hooks", "require_feature", "schedule_report", "set_plugin_hooks",
-    "state_lock", "supported_families", "unpatch",
+    "state_lock", "supported_families", "unpatch", "weights_fingerprint",
 ]
