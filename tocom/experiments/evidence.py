@@ -20,7 +20,10 @@ own checkpoint):
 5. ``pyra``: the PYRA endpoint: ToMe + LoRA and PYRA (one unit per modulator learning rate, the
    rate then picked per task on val200) fine-tuned at the ``high`` schedule, per task x seed, with
    their per-image test predictions;
-6. ``analyze``: the pre-declared endpoints of ``docs/results/README.md`` with paired bootstrap CIs
+6. ``adapt``: the universal plugin adapted without labels to each fine-tuned model of a declared
+   subset (``tocom adapt``), its per-image test predictions beside the universal plugin's, and
+   the adaptation endpoints in ``docs/results/adapt.{json,md}`` (:mod:`tocom.experiments.adaptation`);
+7. ``analyze``: the pre-declared endpoints of ``docs/results/README.md`` with paired bootstrap CIs
    and exact McNemar tests, written to ``docs/results/evidence.{json,md}`` with the predictions.
 
 Units are keyed by content: a model's key hashes the task data, the backbone weights and the
@@ -54,7 +57,7 @@ from tocom.models import patch
 from tocom.report.provenance import content_hash, provenance
 
 MODEL = "deit_tiny_patch16_224"
-STAGES = ("data", "plugins", "variants", "finetune", "predict", "pyra", "analyze")
+STAGES = ("data", "plugins", "variants", "finetune", "predict", "pyra", "adapt", "analyze")
 # Each variant plugin changes one distillation setting (keyword arguments of run_distill).
 # Candidate causes of a plugin that closes too little of the gap: the objective (L1 on the features
 # the head reads, not KL on ImageNet logits) and the augmentation of the distillation images
@@ -103,6 +106,14 @@ class Protocol:
     # batch; the modulator's learning rate is picked per task on val200 from this grid.
     pyra_schedule: str = "high"
     pyra_modulator_lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    # Adaptation (tocom adapt) of the universal plugin of one seed to each fine-tuned model of a
+    # declared subset (docs/results/README.md, "Adaptation"): the CPU budget of one session.
+    adapt_tasks: tuple[str, ...] = ("count",)
+    adapt_seeds: tuple[int, ...] = (0,)
+    adapt_plugin_seed: int = 0
+    adapt_steps: int = 120
+    adapt_batch: int = 32
+    adapt_lr: float = 1e-3
 
 
 PROTOCOLS = {
@@ -111,7 +122,8 @@ PROTOCOLS = {
     "smoke": Protocol(tasks=("cifar10", "count"), targets=(0, 16), finetune_seeds=(0,), plugin_seeds=(0,),
                       epochs=1, batch_size=32, plugin_steps=2, plugin_batch=8, plugin_eval_every=1,
                       scales=(0.0, 0.1), generated_test=40, test_images=40, eval_batch=20,
-                      variants=("feat",), pyra_modulator_lrs=(1e-2,)),
+                      variants=("feat",), pyra_modulator_lrs=(1e-2,), adapt_tasks=("count",),
+                      adapt_steps=2, adapt_batch=8),
 }
 
 
@@ -138,6 +150,7 @@ class Evidence:
         self.work = Path(work) / protocol
         self.device, self.num_workers, self.progress = device, num_workers, progress
         self.shard = shard
+        self.results = Path("docs/results")  # where a stage that analyses its own units writes
         self._digests: dict[str, str] = {}
         # Decoded, preprocessed evaluation images per (task, split): every model of a task reads the
         # same images with the same preprocessing, so the predict stage decodes each split once.
@@ -362,6 +375,12 @@ class Evidence:
                 "ran_on": {**provenance(self.device or _default_device()),
                            "tf32": torch.backends.cuda.matmul.allow_tf32}})
 
+    def run_adapt(self) -> None:
+        from tocom.experiments.adaptation import analyze, run_stage
+
+        run_stage(self)
+        analyze(self, self.results)
+
     def _pyra_record(self, model: Path) -> Path:
         return self.work / "predictions" / "pyra" / f"{model.stem}.json"
 
@@ -459,6 +478,7 @@ def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/res
     if (device or _default_device()).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ev = Evidence(work, protocol, device, num_workers, progress, shard)
+    ev.results = Path(out)
     together = {"finetune", "predict"} <= set(stages)
     for stage in STAGES:
         if stage not in stages or (together and stage == "predict"):

@@ -43,7 +43,7 @@ EVAL_TARGETS = (0, 4, 8, 12, 16)
 class AdaptConfig:
     """How an adaptation runs; every field but the last four is recorded in the plugin."""
 
-    steps: int = 200
+    steps: int = 120
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW would pull the factors toward no plugin, not the universal one
