@@ -19,10 +19,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from tocom.compensator import Compensator
+from tocom.compensator import Compensator, attach, set_degree
+from tocom.finetuned import eval_transform_for, load_model
 from tocom.jobs.adapt import AdaptConfig, run_adapt
 from tocom.jobs.evaluate import select_scales
+from tocom.models import patch
 from tocom.report.provenance import provenance
 from tocom.report.stats import pooled_difference
 
@@ -55,7 +59,7 @@ def units(ev) -> list[tuple[str, int, int]]:
 
 def run_stage(ev) -> None:
     """Adapt and predict every unit that has no record yet (fine-tuning a missing model first)."""
-    from tocom.experiments.evidence import _row, _write_json
+    from tocom.experiments.evidence import _write_json
 
     for task, source, seed in ev._todo("adapt", units(ev), lambda u: record_path(ev, *u)):
         model_file = ev.model_path(task, source, seed)
@@ -74,10 +78,9 @@ def run_stage(ev) -> None:
         targets = list(ev.p.targets)
         val = ev._sweep(model_file, task, "val", source, universal, ev.p.scales, targets)
         chosen = select_scales(val)
-        scales = sorted(set(chosen.values()))  # the fixed-scale rows would cost a sweep per target
-        universal_test = ev._sweep(model_file, task, "test", source, universal, scales, targets)
-        adapted_rows = ev._sweep(model_file, task, "test", source, adapted, None, targets)
-        adapted_test = [r for r in adapted_rows if r.plugin]
+        universal_test = test_rows(ev, model_file, task, source, None, {}, targets)
+        universal_test += test_rows(ev, model_file, task, source, universal, chosen, targets)
+        adapted_test = test_rows(ev, model_file, task, source, adapted, {}, targets)
         _write_json(record_path(ev, task, source, seed), {
             "task": task, "source": source, "seed": seed, "model": model_file.name,
             "model_sha256": ev.digest(model_file), "universal": universal_file.name,
@@ -85,9 +88,41 @@ def run_stage(ev) -> None:
             "adapted": out.name,
             "adapted_record": {k: v for k, v in adapted.spec.adapted.items() if k != "curve"},
             "curve": adapted.spec.adapted.get("curve", []),
-            "test": [_row(r) for r in universal_test],
-            "adapted_test": [_row(r) for r in adapted_test],
+            "test": universal_test, "adapted_test": adapted_test,
             "ran_on": provenance(ev.device)})
+
+
+@torch.inference_mode()
+def test_rows(ev, model_file: Path, task: str, source: int, plugin: Compensator | None,
+              scales: dict, targets: list[int]) -> list[dict]:
+    """Per-image test predictions at each target, without a plugin or with ``plugin`` at ``scales[t]``
+    (its own scale where absent): only the configurations the endpoints read, unlike a sweep's
+    every-scale-at-every-target grid. At the source a plugin adds nothing, so that row is skipped."""
+    from tocom.experiments.evidence import MODEL, _default_device
+
+    device = ev.device or _default_device()
+    model = patch(load_model(MODEL, model_file)).to(device).eval()
+    data = ev._eval_images(task, "test", eval_transform_for(model_file, model))
+    images, labels = data.tensors
+    if plugin is not None:
+        attach(model, plugin, source=source)
+    rows = []
+    for t in targets:
+        if plugin is not None and t == source:
+            continue
+        scale = scales.get(t, scales.get(str(t))) if plugin is not None else None
+        if plugin is not None:
+            set_degree(model, t, scale=scale)
+        else:
+            model.r = t
+        preds = torch.cat([model(images[i:i + ev.p.eval_batch].to(device)).argmax(-1).cpu()
+                           for i in tqdm(range(0, len(images), ev.p.eval_batch), disable=not ev.progress,
+                                         desc=f"test r={t}", leave=False)])
+        rows.append({"target": t, "source": source, "plugin": plugin is not None,
+                     "scale": scale if plugin is None or scale is not None else plugin.spec.scale,
+                     "accuracy": float((preds == labels).float().mean()), "split": "test",
+                     "predictions": preds.tolist(), "labels": labels.tolist()})
+    return rows
 
 
 # ----- analysis ---------------------------------------------------------------------------------
@@ -107,6 +142,9 @@ def arms(record: dict) -> dict[tuple[str, int], np.ndarray]:
             out[("universal", t)] = _correct(row)
     for row in record["adapted_test"]:
         out[("adapted", row["target"])] = _correct(row)
+    # at the source a plugin's delta is zero: both plugin arms are the model itself
+    at_source = out[("none", record["source"])]
+    out[("universal", record["source"])] = out[("adapted", record["source"])] = at_source
     return out
 
 

@@ -1,0 +1,70 @@
+"""The adapt stage's analysis on synthetic records: gap fractions and paired differences."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tocom.experiments import adaptation
+
+TARGETS = (0, 8, 16)
+
+
+def correctness(n: int, right: int, seed: int) -> np.ndarray:
+    out = np.zeros(n, dtype=bool)
+    out[np.random.default_rng(seed).permutation(n)[:right]] = True
+    return out
+
+
+def test_gap_fraction_is_the_share_of_the_mismatch_gap():
+    none, plugin, matched = correctness(400, 200, 0), correctness(400, 260, 1), correctness(400, 320, 2)
+    result = adaptation.gap_fraction([(none, plugin, matched)], n_resamples=2000)
+    assert result["fraction"] == pytest.approx((260 - 200) / (320 - 200))
+    assert result["gap_points"] == pytest.approx(30.0)
+    assert result["ci_low"] < 0.5 < result["ci_high"] and 0 < result["ci_low"] and result["ci_high"] < 1
+
+
+def _row(target, plugin, scale, correct, labels):
+    return {"target": target, "source": 0, "plugin": plugin, "scale": scale,
+            "predictions": np.where(correct, labels, labels + 1).tolist(), "labels": labels.tolist()}
+
+
+def record(source: int, accuracy: dict, n: int = 300) -> dict:
+    """A record whose arms get ``accuracy[(arm, target)]`` right (fractions of ``n``)."""
+    labels = np.arange(n) % 5
+    test = [_row(t, False, None, correctness(n, round(accuracy[("none", t)] * n), t), labels)
+            for t in TARGETS]
+    test += [_row(t, True, 0.1, correctness(n, round(accuracy[("universal", t)] * n), 10 + t), labels)
+             for t in TARGETS if t != source]
+    adapted = [_row(t, True, 0.1, correctness(n, round(accuracy[("adapted", t)] * n), 20 + t), labels)
+               for t in TARGETS if t != source]
+    return {"task": "count", "source": source, "seed": 0, "selected": {str(t): 0.1 for t in TARGETS},
+            "test": test, "adapted_test": adapted, "curve": [],
+            "adapted_record": {"wall_s": 240.0, "picked_step": 50}, "ran_on": {"device": "cpu"}}
+
+
+def test_analyze_reports_the_declared_endpoints(tmp_path, monkeypatch):
+    acc0 = {("none", 0): .9, ("none", 8): .85, ("none", 16): .70, ("universal", 8): .86,
+            ("universal", 16): .75, ("adapted", 8): .88, ("adapted", 16): .82}
+    acc16 = {("none", 0): .80, ("none", 8): .84, ("none", 16): .86, ("universal", 0): .83,
+             ("universal", 8): .85, ("adapted", 0): .88, ("adapted", 8): .86}
+    paths = {0: tmp_path / "r0.json", 16: tmp_path / "r16.json"}
+    paths[0].write_text(json.dumps(record(0, acc0)))
+    paths[16].write_text(json.dumps(record(16, acc16)))
+    p = SimpleNamespace(adapt_tasks=("count",), adapt_seeds=(0,), sources=(0, 16), targets=TARGETS,
+                        adapt_steps=120, adapt_batch=32, adapt_lr=1e-3, adapt_plugin_seed=0)
+    monkeypatch.setattr(adaptation, "record_path", lambda ev, task, source, seed: paths[source])
+    monkeypatch.setattr(adaptation, "RESAMPLES", 500)
+    result = json.loads(adaptation.analyze(SimpleNamespace(p=p), tmp_path / "out").read_text())
+    a1, a2 = result["endpoints"]["A1"], result["endpoints"]["A2"]
+    assert a1["adapted"]["fraction"] == pytest.approx((.82 - .70) / (.86 - .70))
+    assert a1["universal"]["fraction"] == pytest.approx((.75 - .70) / (.86 - .70))
+    assert a2["adapted"]["fraction"] == pytest.approx((.88 - .80) / (.90 - .80))
+    assert result["endpoints"]["A3 0->16"]["difference"] == pytest.approx(.82 - .75)
+    assert result["endpoints"]["A3 16->0"]["difference"] == pytest.approx(.88 - .83)
+    assert len(result["pairs"]) == 4 and result["minutes"][0]["minutes"] == pytest.approx(4.0)
+    page = (tmp_path / "out" / "adapt.md").read_text()
+    assert "A1: fraction of the gap closed | 0->16 | **0.75**" in page
