@@ -68,3 +68,37 @@ def test_analyze_reports_the_declared_endpoints(tmp_path, monkeypatch):
     assert len(result["pairs"]) == 4 and result["minutes"][0]["minutes"] == pytest.approx(4.0)
     page = (tmp_path / "out" / "adapt.md").read_text()
     assert "A1: fraction of the gap closed | 0->16 | **0.75**" in page
+
+
+def test_test_rows_attach_a_plugin_and_skip_its_source(monkeypatch):
+    """The stage's test pass on a tiny model: each arm's predictions match the model run by hand
+    at that target, and a plugin row is skipped at the source, where its delta is zero."""
+    import torch
+    from conftest import random_plugin, tiny_vit
+    from torch.utils.data import TensorDataset
+
+    from tocom.compensator import attach, set_degree
+    from tocom.models import patch
+
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(12) % 5
+    monkeypatch.setattr(adaptation, "load_model", lambda name, path: tiny_vit())
+    monkeypatch.setattr(adaptation, "eval_transform_for", lambda path, model: None)
+    ev = SimpleNamespace(device="cpu", progress=False, p=SimpleNamespace(eval_batch=5),
+                         _eval_images=lambda task, split, transform: TensorDataset(images, labels))
+    plugin = random_plugin(patch(tiny_vit()), groups=4)
+    plain = adaptation.test_rows(ev, None, "count", 0, None, {}, [0, 2, 4])
+    rows = adaptation.test_rows(ev, None, "count", 0, plugin, {2: 0.5}, [0, 2, 4])
+    assert [r["target"] for r in plain] == [0, 2, 4] and [r["target"] for r in rows] == [2, 4]
+    assert [r["scale"] for r in rows] == [0.5, plugin.spec.scale]
+
+    model = patch(tiny_vit())
+    with torch.no_grad():
+        for row in plain:
+            model.r = row["target"]
+            assert row["predictions"] == model(images).argmax(-1).tolist()
+        attach(model, plugin, source=0)
+        for row, scale in zip(rows, (0.5, None)):
+            set_degree(model, row["target"], scale=scale)
+            assert row["predictions"] == model(images).argmax(-1).tolist()
+            assert row["labels"] == labels.tolist()

@@ -92,7 +92,7 @@ def run_stage(ev) -> None:
             "ran_on": provenance(ev.device)})
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: attach records the weights' version counters
 def test_rows(ev, model_file: Path, task: str, source: int, plugin: Compensator | None,
               scales: dict, targets: list[int]) -> list[dict]:
     """Per-image test predictions at each target, without a plugin or with ``plugin`` at ``scales[t]``
