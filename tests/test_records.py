@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -141,3 +142,26 @@ def test_provenance_names_commit_versions_and_device():
     assert info["versions"]["tocom"] == tocom.__version__
     assert info["device"].startswith("cpu") and info["python"].count(".") == 2
     json.dumps(info)
+
+
+def test_an_archive_that_expands_past_the_bound_is_refused_before_reading(tmp_path: Path):
+    """A few kilobytes of compressed zeros that would take 400 MB, and an array header that
+    promises more than its member holds: both refused from the archive's directory and headers."""
+    import zipfile
+
+    bomb = tmp_path / "bomb.predictions.npz"
+    ok = _records()
+    with open(bomb, "wb") as f:
+        np.savez_compressed(f, index=ok.index, label=ok.label, pred=np.zeros((1000, 100_000), np.int32),
+                            configs=np.array(json.dumps(ok.configs)))
+    assert bomb.stat().st_size < 2 << 20
+    with pytest.raises(ValueError, match=r"bomb\.predictions\.npz: its arrays take 381 MB, over the 64 MB"):
+        read_records(bomb)
+    liar = tmp_path / "liar.predictions.npz"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i4", "fortran_order": False,
+                                                  "shape": (100_000, 100_000)})
+    with zipfile.ZipFile(liar, "w") as archive:
+        archive.writestr("pred.npy", header.getvalue() + b"\0" * 64)  # the header has the magic
+    with pytest.raises(ValueError, match=r"array pred\.npy declares \(100000, 100000\)"):
+        read_records(liar)

@@ -34,3 +34,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     except OSError:
         pass
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text file."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

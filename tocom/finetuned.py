@@ -28,6 +28,7 @@ from torch import nn
 from tocom.data import preprocessing_record, transform_from_record
 from tocom.models import patch
 from tocom.models.loading import build_model, create_model, read_state_dict
+from tocom.models.metadata import json_field
 from tocom.peft import add_adaptformer
 from tocom.pyra import add_pyra
 
@@ -56,7 +57,7 @@ def checkpoint_metadata(path: str | Path) -> dict[str, str]:
 
 def source_degree(meta: dict[str, str]) -> int | None:
     """The constant r a fine-tuned checkpoint was trained at (None: not recorded or not constant)."""
-    value = json.loads(meta.get("source_degree", "null"))
+    value = json_field(meta, "source_degree", None, (int, type(None)), "the checkpoint")
     return value if isinstance(value, int) else None
 
 
@@ -75,12 +76,17 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if method is not None and method not in FINETUNE_METHODS:
         raise ValueError(f"{checkpoint} records method {method!r}, which this tocom does not know "
                          f"({', '.join(FINETUNE_METHODS)}); upgrade tocom")
-    peft = json.loads(meta.get("peft", "{}"))
+    peft = json_field(meta, "peft", {}, dict, checkpoint)
+    schedule = json_field(meta, "schedule", None, (int, list), checkpoint)
+    if method == "adaptformer" and not (isinstance(peft.get("bottleneck"), int)
+                                        and isinstance(peft.get("scale"), (int, float))):
+        raise ValueError(f"{checkpoint}: its peft metadata lacks an int bottleneck and a numeric scale for "
+                         "AdaptFormer; re-export the checkpoint")
 
     def prepare(model: nn.Module) -> None:
         if "schedule" in meta:
             patch(model, meta.get("compression", "tome"))
-            model.r = json.loads(meta["schedule"])
+            model.r = schedule
         if method == "adaptformer":
             add_adaptformer(model, bottleneck=peft["bottleneck"], scale=peft["scale"])
         elif method == "pyra":
@@ -96,8 +102,8 @@ def recorded_preprocessing(meta: dict[str, str], model: nn.Module) -> dict[str, 
     validated on squashed images. Plain checkpoints (no tocom recipe) use timm's resize and crop.
     """
     if "preprocessing" in meta:
-        return json.loads(meta["preprocessing"])
-    augment = json.loads(meta.get("recipe", "{}")).get("augment")
+        return json_field(meta, "preprocessing", {}, dict, "the checkpoint")
+    augment = json_field(meta, "recipe", {}, dict, "the checkpoint").get("augment")
     return preprocessing_record("squash" if augment in ("squash", "none") else "crop", model)
 
 

@@ -212,12 +212,24 @@ def set_degree(model: nn.Module, target: int, scale: float | None = None) -> nn.
         att = attachment(model)
         att.plugin.check_degree(target)
         scale = att.scale if scale is None else scale
+        coeff = _coefficients(att, target, scale)
         targets = _targets(model)
         _sync_base(att, targets)
-        _fold(att, targets, _coefficients(att, target, scale))
+        _fold_or_restore(att, targets, coeff)
         att.degree, att.scale = target, scale
         model.r = target
     return model
+
+
+def _fold_or_restore(att: Attachment, targets: list[Target], coeff: torch.Tensor | None) -> None:
+    """:func:`_fold`, all or nothing: when it fails partway, the weights go back to the pre-plugin
+    rows plus the delta folded before, so the model never runs half switched."""
+    previous = att.applied
+    try:
+        _fold(att, targets, coeff)
+    except BaseException:
+        _fold(att, targets, previous)
+        raise
 
 
 @torch.no_grad()

@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from tocom.models import QVDelta
+from tocom.models import COMPRESSION_METHODS, QVDelta
+from tocom.models.blocks import MODES
+from tocom.models.metadata import short_json
 
 VARIANTS = ("standard", "shared", "no_inversion")
 PROJECTIONS = ("q", "v")
@@ -64,11 +66,67 @@ class PluginSpec:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> PluginSpec:
+    def from_metadata(cls, meta: dict[str, str], source: str = "the plugin file") -> PluginSpec:
+        """Parse and check every field (type and range) before anything is built from it.
+
+        Raises:
+            ValueError: one line naming ``source``, the field and what it holds.
+        """
         if meta.get("format") != "tocom-compensator/1":
-            raise ValueError(f"not a tocom compensator file (format={meta.get('format')!r})")
-        names = cls.__dataclass_fields__
-        return cls(**{k: json.loads(v) for k, v in meta.items() if k in names})
+            raise ValueError(f"{source} is not a tocom compensator file (format={meta.get('format')!r})")
+        fields = {}
+        for name in cls.__dataclass_fields__:
+            if name not in meta:
+                continue
+            try:
+                fields[name] = json.loads(meta[name])
+            except (json.JSONDecodeError, RecursionError):
+                raise ValueError(f"{source}: metadata field {name!r} is not valid JSON; "
+                                 "the file is damaged, re-download or re-train the plugin") from None
+        missing = [n for n in ("arch", "embed_dim", "depth", "num_heads", "attn_dim") if n not in fields]
+        if missing:
+            raise ValueError(f"{source}: metadata lacks {', '.join(missing)}; "
+                             "re-download or re-train the plugin")
+        for name, value in fields.items():
+            problem = _field_problem(name, value)
+            if problem:
+                raise ValueError(f"{source}: metadata field {name!r} is {short_json(value)}, {problem}; "
+                                 "re-download or re-train the plugin")
+        return cls(**fields)
+
+
+# Bounds far above any ViT, so that metadata can never ask for more than its tensors hold.
+_INT_FIELDS = {"embed_dim": 1 << 16, "depth": 1024, "num_heads": 1 << 12, "attn_dim": 1 << 16,
+               "groups": 1024, "rank": 1024}
+_CHOICES = {"variant": VARIANTS, "method": COMPRESSION_METHODS, "mode": MODES}
+
+
+def _field_problem(name: str, value) -> str | None:
+    """Why a metadata value is unacceptable for field ``name`` (None when it is fine)."""
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "not an integer"
+        if not 1 <= value <= _INT_FIELDS[name]:
+            return f"outside 1..{_INT_FIELDS[name]}"
+    elif name == "scale":
+        if not _is_finite(value):
+            return "not a finite number"
+    elif name in _CHOICES:
+        if value not in _CHOICES[name]:
+            return f"not one of {', '.join(_CHOICES[name])}"
+    elif name in ("recipe", "adapted"):
+        if not isinstance(value, dict):
+            return "not a JSON object"
+    elif not isinstance(value, str):  # arch, family
+        return "not a string"
+    return None
+
+
+def _is_finite(value) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(value)
+    except TypeError:
+        return False
 
 
 class CompensatorBank(nn.Module):
@@ -104,6 +162,8 @@ class CompensatorBank(nn.Module):
         self.check_degree(source)
         self.check_degree(target)
         s = self.spec.scale if scale is None else scale
+        if not _is_finite(s):
+            raise ValueError(f"scale must be a finite number, got {s!r}")
         g, lo, hi = self.spec.groups, min(source, target), max(source, target)
         sign = 1.0 if target > source else -1.0
         c = torch.zeros(self.spec.stored_groups, dtype=torch.float64)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tocom.atomic import atomic_write_text
 from tocom.compensator import Compensator, attach, set_degree
 from tocom.finetuned import eval_transform_for, load_model
 from tocom.jobs.adapt import AdaptConfig, run_adapt
@@ -219,8 +220,8 @@ def analyze(ev, out: Path) -> Path:
                                   "ran_on": r["ran_on"].get("device")})
     lines += _markdown(result)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapt.json").write_text(json.dumps(result, indent=1))
-    (out / "adapt.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "adapt.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "adapt.md", "\n".join(lines) + "\n")
     return out / "adapt.json"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
+from tocom.atomic import atomic_write_text
 from tocom.compensator import Compensator
 from tocom.data import load_dataset, shared_dir, write_vtab
 from tocom.finetuned import eval_transform_for, load_model
@@ -55,7 +56,7 @@ class Lab:
         self.budget_name = budget
         self.progress = progress
         self.evals_file = self.work / f"evals-{budget}.json"
-        self._evals = json.loads(self.evals_file.read_text()) if self.evals_file.is_file() else {}
+        self._evals = read_cache(self.evals_file)
 
     # ----- data -------------------------------------------------------------------------
     def task_dir(self, task: str) -> Path:
@@ -179,8 +180,7 @@ class Lab:
             progress=self.progress,
         )
         self._evals[key] = [row.as_dict() for row in rows]
-        self.evals_file.parent.mkdir(parents=True, exist_ok=True)
-        self.evals_file.write_text(json.dumps(self._evals, indent=1))
+        atomic_write_text(self.evals_file, json.dumps(self._evals, indent=1))
         return rows
 
     def with_plugin(
@@ -202,6 +202,20 @@ class Lab:
         return out
 
 
+def read_cache(path: Path) -> dict:
+    """A JSON cache of evaluations ({} when absent); a damaged one is named, to be deleted."""
+    if not path.is_file():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+    except ValueError:
+        cache = None
+    if not isinstance(cache, dict):
+        raise ValueError(f"{path} is not a JSON object; the cache is damaged, delete it and rerun "
+                         "(its evaluations are redone)")
+    return cache
+
+
 def write_results(name: str, results: dict, out_dir: str | Path, started: float) -> Path:
     """``out_dir/NAME.json`` (with the wall time of the whole command) and ``NAME.md``."""
     from tocom.experiments.render import render
@@ -209,6 +223,6 @@ def write_results(name: str, results: dict, out_dir: str | Path, started: float)
     out = Path(out_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"experiment": name, "wall_s": round(time.time() - started, 1), **results}
-    out.write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(render(name, results))
+    atomic_write_text(out, json.dumps(results, indent=2))
+    atomic_write_text(out.with_suffix(".md"), render(name, results))
     return out

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 from scipy import stats as sps
 
+from tocom.atomic import atomic_write_text
 from tocom.experiments.evidence import Evidence
 from tocom.report.compare import comparison_table
 from tocom.report.plots import accuracy_plot
@@ -356,9 +357,9 @@ def analyze(ev: Evidence, out: Path) -> dict:
              "b": {"source": s, "target": t, "selected": True}, "pair_on": ["task", "seed"]}
             for s, t in ((lo, hi), (hi, lo))],
     }
-    (out / "evidence.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "evidence.md").write_text(render(endpoints, closure, pairs, an.p, ev.p, per_task)
-                                     + render_extra(variants, pyra))
+    atomic_write_text(out / "evidence.json", json.dumps(results, indent=1, default=str))
+    atomic_write_text(out / "evidence.md", render(endpoints, closure, pairs, an.p, ev.p, per_task)
+                      + render_extra(variants, pyra))
     return results
 
 

@@ -15,7 +15,6 @@ runs on a few hundred images.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from tocom.models.loading import (
     read_state_dict,
     save_model,
 )
+from tocom.models.metadata import model_kwargs as checked_model_kwargs
 from tocom.peft import add_adaptformer, add_lora, fold, mark_trainable
 from tocom.pyra import PARAM_PATTERN, add_pyra, pyra_parameters
 from tocom.train import distributed
@@ -146,7 +146,7 @@ def load_for_classes(name: str, checkpoint: str | Path | None, pretrained: bool,
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
     model = build_model(name, state, meta, checkpoint, num_classes=num_classes,
                         optional=() if keep else HEAD_KEYS, **kwargs)
-    return model, not keep, json.loads(meta.get("model_kwargs", "{}"))
+    return model, not keep, checked_model_kwargs(meta, checkpoint)
 
 
 def add_method(model: nn.Module, method: str, rank: int = 8, targets: tuple[str, ...] = ("q", "k", "v"),

@@ -9,7 +9,6 @@ folded into the saved weights); the decoder always trains, at ``decoder_lr_scale
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from tocom.jobs.evaluate import apply_config, make_loader, sweep_configs
 from tocom.jobs.finetune import add_method
 from tocom.models import dims_of, patch
 from tocom.models.loading import build_model, read_state_dict
+from tocom.models.metadata import model_kwargs as checked_model_kwargs
 from tocom.peft import fold
 from tocom.seg import Segmenter, SegmentObjective, image_confusions, mean_iou, save_segmenter
 from tocom.train import distributed
@@ -48,7 +48,7 @@ def segmentation_backbone(model_name: str, checkpoint: str | Path | None = None,
         return create_model(model_name, pretrained=pretrained, num_classes=0), {}
     state, meta = read_state_dict(checkpoint)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
-    kwargs = json.loads(meta.get("model_kwargs", "{}"))
+    kwargs = checked_model_kwargs(meta, checkpoint)
     return build_model(model_name, state, meta, checkpoint, num_classes=0), kwargs
 
 

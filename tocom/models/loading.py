@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tocom.atomic import atomic_write
+from tocom.models.metadata import model_kwargs as checked_model_kwargs
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -34,7 +35,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
         if delta.is_delta(meta):
-            return delta.apply_delta(path, state, meta), delta.strip_delta_metadata(meta)
+            state, meta = delta.apply_delta(path, state, meta), delta.strip_delta_metadata(meta)
+        check_finite(state, path)
         return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -49,6 +51,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
+    check_finite(obj, path)
     return obj, {}
 
 
@@ -95,16 +98,36 @@ def build_model(name: str, state: dict[str, torch.Tensor], meta: dict[str, str],
     saved_for = meta.get("model_name")
     if saved_for and saved_for != name:
         raise ValueError(f"checkpoint {source} was saved for {saved_for}, not {name}; pass that model name")
-    kw = json.loads(meta.get("model_kwargs", "{}"))
+    kw = checked_model_kwargs(meta, source)
     kw.update(kwargs)
     classes = checkpoint_num_classes(state) if num_classes is None else num_classes
     if classes is not None:
         kw["num_classes"] = classes
     elif "head.weight" not in state:
         kw.setdefault("num_classes", 0)
-    model = timm.create_model(name, pretrained=False, **kw)
+    # Built first without memory, so a checkpoint whose metadata asks for a bigger network than its
+    # tensors hold is refused before that network is allocated.
+    with torch.device("meta"):
+        _check_fits(_create(name, kw, prepare, source), state, name, source, optional)
+    model = _create(name, kw, prepare, source)
+    model.load_state_dict(state, strict=not optional)
+    return model
+
+
+def _create(name: str, kw: dict, prepare: Callable[[nn.Module], object] | None,
+            source: str | Path) -> nn.Module:
+    try:
+        model = timm.create_model(name, pretrained=False, **kw)
+    except TypeError as err:  # a known key this architecture does not take
+        raise ValueError(f"checkpoint {source}: its model_kwargs do not fit {name} ({err}); pass the model "
+                         "name it was trained with") from None
     if prepare is not None:
         prepare(model)
+    return model
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str | Path,
+                optional: tuple[str, ...]) -> None:
     own = model.state_dict()
     missing = sorted(k for k in own.keys() - state.keys() if not k.startswith(optional))
     unexpected = sorted(state.keys() - own.keys())
@@ -114,8 +137,14 @@ def build_model(name: str, state: dict[str, torch.Tensor], meta: dict[str, str],
             f"checkpoint {source} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {shapes[:5]}; pass the model name it was trained with"
         )
-    model.load_state_dict(state, strict=not optional)
-    return model
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """ValueError naming the first floating-point tensor of ``state`` that holds NaN or inf."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"checkpoint {source}: tensor {key} holds NaN or inf; the checkpoint is "
+                             "broken, re-train or re-export it")
 
 
 def save_model(model: nn.Module, path: str | Path, name: str, model_kwargs: dict | None = None,

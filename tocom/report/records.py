@@ -15,6 +15,7 @@ under ``"predictions"`` (paths relative to the JSON); without that key it has ``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,11 +151,48 @@ def write_records(path: str | Path, records: Records) -> Path:
     return atomic_write(path, write)
 
 
-def read_records(path: str | Path) -> Records:
-    """Load and validate a predictions file; errors name the file and what is wrong with it."""
+# Far above any evaluation tocom writes (50k images x 200 configurations of int16 is 20 MB).
+MAX_RECORD_BYTES = 64 << 20
+
+
+def _check_sizes(path: Path, max_bytes: int) -> None:
+    """Refuse an archive whose arrays would take more than ``max_bytes``, or whose array headers
+    promise more data than the archive holds, without decompressing any array."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            total = sum(info.file_size for info in infos)
+            if total > max_bytes:
+                raise ValueError(f"{path}: its arrays take {total / 2**20:.0f} MB, over the "
+                                 f"{max_bytes / 2**20:.0f} MB limit (read_records(max_bytes=...) raises it)")
+            for info in infos:
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(member, max_header_size=10_000)
+                if dtype.hasobject:
+                    raise ValueError(f"{path}: array {info.filename} holds Python objects, which are not "
+                                     "read without pickle; rewrite it with plain arrays")
+                if math.prod(shape) * dtype.itemsize > info.file_size:
+                    raise ValueError(f"{path}: array {info.filename} declares {shape} {dtype}, more than "
+                                     "the archive holds")
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not readable as a predictions npz ({err}); rerun the evaluation") from err
+
+
+def read_records(path: str | Path, max_bytes: int = MAX_RECORD_BYTES) -> Records:
+    """Load and validate a predictions file; errors name the file and what is wrong with it.
+
+    ``max_bytes`` bounds what the arrays may occupy once read, checked from the archive's
+    directory and each array's header before anything is decompressed.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no predictions file {path}: rerun the evaluation that writes it")
+    _check_sizes(path, max_bytes)
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):

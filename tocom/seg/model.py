@@ -22,6 +22,8 @@ from torch import nn
 
 from tocom.compress import unmerge
 from tocom.models.loading import read_state_dict, save_model
+from tocom.models.metadata import json_field
+from tocom.models.metadata import model_kwargs as checked_model_kwargs
 
 
 class Segmenter(nn.Module):
@@ -70,13 +72,22 @@ def load_segmenter(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
     if meta.get("task") != "segmentation" or "model_name" not in meta:
         raise ValueError(f"{path} is not a tocom segmentation checkpoint (its metadata has no "
                          "task=segmentation); train one with `tocom finetune --task segmentation`")
-    kwargs = json.loads(meta.get("model_kwargs", "{}"))
-    backbone = timm.create_model(meta["model_name"], pretrained=False, num_classes=0, **kwargs)
-    model = Segmenter(backbone, int(meta["num_classes"]))
-    own = model.state_dict()
+    kwargs = checked_model_kwargs(meta, path)
+    classes = json_field(meta, "num_classes", None, int, path)
+    if classes is None or not 1 <= classes <= 1 << 16:
+        raise ValueError(f"{path}: metadata num_classes is {meta.get('num_classes')!r}, not a class count; "
+                         "re-train the segmenter")
+
+    def build() -> Segmenter:
+        return Segmenter(timm.create_model(meta["model_name"], pretrained=False, num_classes=0, **kwargs),
+                         classes)
+
+    with torch.device("meta"):  # checked without memory before the real build
+        own = build().state_dict()
     if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
         raise ValueError(f"{path} does not fit {meta['model_name']} with a "
                          f"{meta['num_classes']}-class decoder")
+    model = build()
     model.load_state_dict(state)
     decoded = {k: (v if k in ("task", "model_name") else json.loads(v)) for k, v in meta.items()}
     return model.eval(), decoded

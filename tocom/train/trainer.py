@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from tocom.atomic import atomic_write_text
 from tocom.train import distributed
 from tocom.train.checkpoint import (
     atomic_save,
@@ -262,11 +263,29 @@ def logged_evals(out_dir: str | Path) -> list[dict[str, float]]:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = (json.loads(ln) for ln in path.read_text().splitlines() if ln)
-    return [{k: v for k, v in r.items() if k != "kind"} for r in records if r.get("kind") == "eval"]
+    return [{k: v for k, v in r.items() if k != "kind"} for r in read_log(path) if r.get("kind") == "eval"]
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A torn last line (a run killed mid-write) is dropped; a
+    broken line before it means the file was damaged otherwise, and raises ValueError naming it."""
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a training record; the log is damaged, "
+                             "delete it to resume without the earlier records") from None
+        records.append(record)
+    return records
 
 
 def _truncate_log(path: Path, step: int) -> None:
     if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [r for r in read_log(path) if r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
