@@ -58,3 +58,86 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from tocom.jobs.demo import run_demo\n")
     assert imported_packages(probe) == {"jobs"}
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def module_imports(path: Path) -> set[str]:
+    """Dotted tocom modules ``path`` imports (absolute or relative, at module level or inside functions;
+    not under ``if TYPE_CHECKING``); ``from a import b`` names the submodule ``a.b`` when there is one."""
+    here = ".".join(("tocom",) + path.relative_to(ROOT).with_suffix("").parts)
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
+    package = package.removesuffix(".__init__")
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _type_checking_only(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if _module_file(sub) else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m.startswith("tocom.") and _module_file(m)}
+
+
+def _module_file(dotted: str) -> Path | None:
+    rel = Path(*dotted.split(".")[1:])
+    for candidate in (ROOT / rel.with_suffix(".py"), ROOT / rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def import_cycles() -> list[list[str]]:
+    """Every cycle of the file-level import graph. Package ``__init__`` files are left out: they
+    re-export their submodules, which is not a dependency of the submodules on each other."""
+    graph = {}
+    for path in ROOT.rglob("*.py"):
+        if path.name != "__init__.py":
+            name = ".".join(("tocom",) + path.relative_to(ROOT).with_suffix("").parts)
+            graph[name] = {m for m in module_imports(path) if not _module_file(m).name == "__init__.py"}
+    cycles, state = [], {}
+
+    def walk(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                walk(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node, [node])
+    return cycles
+
+
+def test_no_import_cycle_between_files():
+    cycles = import_cycles()
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_checker_follows_relative_and_lazy_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "tocom" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from tocom.pkg.a import x\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import x\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path / "tocom")
+    assert module_imports(pkg / "a.py") == {"tocom.pkg.b"}
+    assert module_imports(pkg / "c.py") == set()
+    assert import_cycles() == [["tocom.pkg.a", "tocom.pkg.b", "tocom.pkg.a"]]

@@ -79,7 +79,7 @@ def test_delta_finds_its_base_beside_it_and_refuses_a_wrong_one(adapted, tmp_pat
 
 
 def test_a_rebuilt_delta_is_a_plain_state_dict_and_bad_outputs_are_refused(adapted):
-    from tocom.models.delta import write_delta
+    from tocom.models.loading import write_delta
 
     folder, _ = adapted
     full, base, delta = (folder / f"{n}.safetensors" for n in ("full", "base", "delta"))

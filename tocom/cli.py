@@ -51,7 +51,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_delta(args: argparse.Namespace) -> None:
-    from tocom.models.delta import write_delta
+    from tocom.models.loading import write_delta
 
     counts = write_delta(args.checkpoint, args.base, args.out)
     print(f"wrote {args.out}: {counts['kept']} of {counts['total']} tensors differ from {args.base}, "

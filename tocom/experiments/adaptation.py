@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tocom.atomic import atomic_write_text
 from tocom.compensator import Compensator, attach, set_degree
+from tocom.experiments.keys import MODEL, default_device, digest, write_json
 from tocom.finetuned import eval_transform_for, load_model
 from tocom.jobs.adapt import AdaptConfig, run_adapt
 from tocom.jobs.evaluate import select_scales
@@ -41,10 +42,8 @@ def adapt_config(ev) -> AdaptConfig:
 
 
 def adapted_path(ev, task: str, source: int, seed: int) -> Path:
-    from tocom.experiments.evidence import _digest
-
     model = ev.model_path(task, source, seed)
-    key = _digest(model.name, ev.plugin_path(ev.p.adapt_plugin_seed).name, adapt_config(ev).recorded())
+    key = digest(model.name, ev.plugin_path(ev.p.adapt_plugin_seed).name, adapt_config(ev).recorded())
     return ev.work / "adapted" / f"{model.stem}-{key}.tocom.safetensors"
 
 
@@ -60,8 +59,6 @@ def units(ev) -> list[tuple[str, int, int]]:
 
 def run_stage(ev) -> None:
     """Adapt and predict every unit that has no record yet (fine-tuning a missing model first)."""
-    from tocom.experiments.evidence import _write_json
-
     for task, source, seed in ev._todo("adapt", units(ev), lambda u: record_path(ev, *u)):
         model_file = ev.model_path(task, source, seed)
         if not model_file.is_file():
@@ -82,7 +79,7 @@ def run_stage(ev) -> None:
         universal_test = test_rows(ev, model_file, task, source, None, {}, targets)
         universal_test += test_rows(ev, model_file, task, source, universal, chosen, targets)
         adapted_test = test_rows(ev, model_file, task, source, adapted, {}, targets)
-        _write_json(record_path(ev, task, source, seed), {
+        write_json(record_path(ev, task, source, seed), {
             "task": task, "source": source, "seed": seed, "model": model_file.name,
             "model_sha256": ev.digest(model_file), "universal": universal_file.name,
             "universal_sha256": ev.digest(universal_file), "selected": chosen,
@@ -99,9 +96,7 @@ def test_rows(ev, model_file: Path, task: str, source: int, plugin: Compensator 
     """Per-image test predictions at each target, without a plugin or with ``plugin`` at ``scales[t]``
     (its own scale where absent): only the configurations the endpoints read, unlike a sweep's
     every-scale-at-every-target grid. At the source a plugin adds nothing, so that row is skipped."""
-    from tocom.experiments.evidence import MODEL, _default_device
-
-    device = ev.device or _default_device()
+    device = ev.device or default_device()
     model = patch(load_model(MODEL, model_file)).to(device).eval()
     data = ev._eval_images(task, "test", eval_transform_for(model_file, model))
     images, labels = data.tensors

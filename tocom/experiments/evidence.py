@@ -34,7 +34,6 @@ a small model alone leaves it idle between kernel launches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -49,6 +48,11 @@ from tqdm.auto import tqdm
 from tocom.atomic import atomic_write
 from tocom.compensator import Compensator
 from tocom.data import load_dataset, shared_dir, write_vtab
+from tocom.experiments import adaptation
+from tocom.experiments.keys import MODEL
+from tocom.experiments.keys import default_device as _default_device
+from tocom.experiments.keys import digest as _digest
+from tocom.experiments.keys import write_json as _write_json
 from tocom.finetuned import checkpoint_metadata, eval_transform_for, load_model
 from tocom.jobs.distill import run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, select_scales, sweep
@@ -56,7 +60,6 @@ from tocom.jobs.finetune import run_finetune
 from tocom.models import patch
 from tocom.report.provenance import content_hash, provenance
 
-MODEL = "deit_tiny_patch16_224"
 STAGES = ("data", "plugins", "variants", "finetune", "predict", "pyra", "adapt", "analyze")
 # Each variant plugin changes one distillation setting (keyword arguments of run_distill).
 # Candidate causes of a plugin that closes too little of the gap: the objective (L1 on the features
@@ -125,10 +128,6 @@ PROTOCOLS = {
                       variants=("feat",), pyra_modulator_lrs=(1e-2,), adapt_tasks=("count",),
                       adapt_steps=2, adapt_batch=8),
 }
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 class Evidence:
@@ -376,10 +375,8 @@ class Evidence:
                            "tf32": torch.backends.cuda.matmul.allow_tf32}})
 
     def run_adapt(self) -> None:
-        from tocom.experiments.adaptation import analyze, run_stage
-
-        run_stage(self)
-        analyze(self, self.results)
+        adaptation.run_stage(self)
+        adaptation.analyze(self, self.results)
 
     def _pyra_record(self, model: Path) -> Path:
         return self.work / "predictions" / "pyra" / f"{model.stem}.json"
@@ -451,14 +448,6 @@ class Evidence:
 
 def _row(row: EvalRow) -> dict:
     return {**row.as_dict(), "predictions": row.predictions, "labels": row.labels}
-
-
-def _write_json(path: Path, obj: object) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj)))
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/results",

@@ -26,17 +26,20 @@ import math
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats as sps
 
 from tocom.atomic import atomic_write_text
-from tocom.experiments.evidence import Evidence
 from tocom.report.compare import comparison_table
 from tocom.report.plots import accuracy_plot
 from tocom.report.provenance import provenance
 from tocom.report.records import Records, write_records
 from tocom.report.stats import PairedDifference, correctness, pooled_difference, two_stage_means
+
+if TYPE_CHECKING:  # the type only: evidence imports this module to run its analysis
+    from tocom.experiments.evidence import Evidence
 
 
 def _test_row(record: dict, plugin_seed: str, target: int, scale: float | None) -> dict:

@@ -143,21 +143,3 @@ def segmentation(lab: Lab, out: Path) -> dict:
             "rows": rows, "table": comparison_table(stats), "paper": PAPER}
 
 
-def markdown(results: dict) -> str:
-    """The Markdown page of :func:`segmentation`'s results (mIoU in %)."""
-    lines = [f"# segmentation (budget {results.get('budget')}, {results.get('wall_s')} s)", "",
-             f"DeiT-Tiny + linear decoder fine-tuned at r = 0 in dense mode on the generated shapes task "
-             f"({results['finetune']['images']} training images, {results['finetune']['epochs']} epochs); "
-             f"dense-mode plugin distilled for {results['distill'].get('steps')} steps (L1 on per-token "
-             f"features). r = tokens merged before each MLP (paper r = r / {results['tokens_per_degree']}). "
-             f"{results['test_images']} test images; scale chosen per target on validation.", "",
-             "| r (tokens) | paper r | GFLOPs (ratio) | mIoU without (%) | mIoU with ToCom (%) | s |",
-             "|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        lines.append(f"| {r['target']} | {r['paper_r']} | {r['gflops']:.3f} "
-                     f"({r['gflops_ratio']:.3f}) | {100 * r['miou_without']:.1f} | "
-                     f"{100 * r['miou_with']:.1f} | {r['scale']} |")
-    lines += ["", "Paired differences (dataset mIoU, B = with ToCom, A = without; percentile bootstrap "
-              "over test images, the whole-set mIoU recomputed per resample; McNemar does not apply):", "",
-              results["table"], "", "## Paper", "", results["paper"], ""]
-    return "\n".join(lines)

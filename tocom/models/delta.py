@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from tocom.atomic import atomic_write
-
 BASE, BASE_SHA, KEYS, SOURCES = "delta_base", "delta_base_sha256", "delta_keys", "delta_sources"
 
 
@@ -65,22 +63,10 @@ def strip_delta_metadata(meta: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k not in (BASE, BASE_SHA, KEYS, SOURCES)}
 
 
-def write_delta(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict[str, int]:
-    """Write ``checkpoint`` as a delta against ``base`` to ``out`` (atomically).
-
-    Returns counts: ``kept`` and ``total`` tensors, ``bytes`` of the file written.
-    """
-    from safetensors.torch import save_file
-
-    from tocom.models.loading import read_state_dict
-
-    out, base = Path(out), Path(base)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"a delta is a safetensors file; name it *.safetensors, not {out.name}")
-    if out.resolve() in (base.resolve(), Path(checkpoint).resolve()):
-        raise ValueError(f"--out {out} would overwrite its own base or checkpoint; write it elsewhere")
-    state, meta = read_state_dict(checkpoint)
-    base_state, _ = read_state_dict(base)
+def delta_tensors(state: dict[str, torch.Tensor], meta: dict[str, str], base_state: dict[str, torch.Tensor],
+                  base: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a delta of ``state`` (metadata ``meta``) against ``base_state``,
+    the whole state dict of the file ``base``: only tensors the base does not hold, under any name."""
     lacking = set(base_state) - set(state)
     sources = {k: base_source(k, v, base_state, lacking) for k, v in state.items()}
     kept = {k: v.contiguous().clone() for k, v in state.items() if sources[k] is None}
@@ -88,8 +74,7 @@ def write_delta(checkpoint: str | Path, base: str | Path, out: str | Path) -> di
     meta = strip_delta_metadata(meta)
     meta.update({BASE: str(base.resolve()), BASE_SHA: sha256_file(base),
                  KEYS: json.dumps(sorted(state)), SOURCES: json.dumps(renamed)})
-    atomic_write(out, lambda tmp: save_file(kept, tmp, metadata=meta))
-    return {"kept": len(kept), "total": len(state), "bytes": out.stat().st_size}
+    return kept, meta
 
 
 def find_base(path: str | Path, meta: dict[str, str]) -> Path:
@@ -108,17 +93,15 @@ def find_base(path: str | Path, meta: dict[str, str]) -> Path:
         f"file with that content was found (tried {tried}); put that base checkpoint next to the delta")
 
 
-def apply_delta(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str]
-                ) -> dict[str, torch.Tensor]:
-    """The full state dict of the delta at ``path`` (its tensors ``state``, metadata ``meta``)."""
-    from tocom.models.loading import read_state_dict
-
+def apply_delta(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str],
+                base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full state dict of the delta at ``path`` (its tensors ``state``, metadata ``meta``), given
+    the whole state dict of its base (the file :func:`find_base` finds)."""
     try:
         keys, sources = json.loads(meta[KEYS]), json.loads(meta.get(SOURCES, "{}"))
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: its delta metadata is incomplete or corrupt ({err!r}); write it again "
                          "with tocom delta") from None
-    base_state, _ = read_state_dict(find_base(path, meta))
     missing = [k for k in keys if k not in state and sources.get(k, k) not in base_state]
     if missing:
         raise ValueError(f"{path}: tensors {missing[:5]} are in neither the delta nor its base")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tocom.atomic import atomic_write
+from tocom.models import delta
 from tocom.models.metadata import model_kwargs as checked_model_kwargs
 
 
@@ -27,7 +28,6 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        from tocom.models import delta
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -35,7 +35,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
         if delta.is_delta(meta):
-            state, meta = delta.apply_delta(path, state, meta), delta.strip_delta_metadata(meta)
+            base_state, _ = read_state_dict(delta.find_base(path, meta))
+            state, meta = delta.apply_delta(path, state, meta, base_state), delta.strip_delta_metadata(meta)
         check_finite(state, path)
         return state, meta
     try:
@@ -161,3 +162,23 @@ def save_model(model: nn.Module, path: str | Path, name: str, model_kwargs: dict
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def write_delta(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict[str, int]:
+    """Write ``checkpoint`` as a delta against ``base`` to ``out`` (atomically; see
+    :mod:`tocom.models.delta`).
+
+    Returns counts: ``kept`` and ``total`` tensors, ``bytes`` of the file written.
+    """
+    from safetensors.torch import save_file
+
+    out, base = Path(out), Path(base)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"a delta is a safetensors file; name it *.safetensors, not {out.name}")
+    if out.resolve() in (base.resolve(), Path(checkpoint).resolve()):
+        raise ValueError(f"--out {out} would overwrite its own base or checkpoint; write it elsewhere")
+    state, meta = read_state_dict(checkpoint)
+    base_state, _ = read_state_dict(base)
+    kept, meta = delta.delta_tensors(state, meta, base_state, base)
+    atomic_write(out, lambda tmp: save_file(kept, tmp, metadata=meta))
+    return {"kept": len(kept), "total": len(state), "bytes": out.stat().st_size}
