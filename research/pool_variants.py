@@ -1,6 +1,6 @@
 """Pool the rows of several ``plugin_variants.py --out`` files (one per fine-tuned model).
 
-    python benchmarks/pool_variants.py runs/causes/count_r0_seed0-ablations.json \\
+    python research/pool_variants.py runs/causes/count_r0_seed0-ablations.json \\
         runs/causes/count_r0_seed1-ablations.json
 
 Every file must compare the same plugins at the same (source, target). Per plugin: the mean top-1

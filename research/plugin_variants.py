@@ -1,6 +1,6 @@
 """Several plugins on one fine-tuned model at one (source, target), paired image by image.
 
-    python benchmarks/plugin_variants.py MODEL.safetensors --data TASK_DIR --source 0 --target 16 \\
+    python research/plugin_variants.py MODEL.safetensors --data TASK_DIR --source 0 --target 16 \\
         --plugin base=runs/causes/base.tocom.safetensors feat=runs/causes/feat.tocom.safetensors
 
 Each plugin's scale is picked on val200 from ``--scales`` (as the evidence run does), then the test

@@ -3,7 +3,7 @@
 The shipped plugin adds low-rank deltas to W_q and W_v only, as in the paper. This script trains
 the same per-degree groups (one group per unit of degree, ``delta(src -> tgt) = sign * s *
 sum B_i A_i``, rank 2, s = 0.1) on other sets of Linear layers of a DeiT and scores each on the
-held-out KL of :mod:`benchmarks.distill_causes` (same images, pairs and budget: 400 steps of 32
+held-out KL of :mod:`research.distill_causes` (same images, pairs and budget: 400 steps of 32
 images, lr 1e-3, seed 0, light augmentation):
 
   qv   - q and v of ``attn.qkv``, each with its own factors (the shipped plugin, through this script's own
@@ -20,7 +20,7 @@ Needs ``tocom experiment all --stage data`` (the split of the ImageNet sample) a
 weights in ``../shared``. Each configuration writes ``OUT/proj-NAME.json`` and is skipped when that
 exists; a killed run resumes from its checkpoint.
 
-Usage: python benchmarks/distill_projections.py [--only qv,all] [--out runs/causes]
+Usage: python research/distill_projections.py [--only qv,all] [--out runs/causes]
 (about 13-16 minutes per configuration on 2 cores).
 """
 

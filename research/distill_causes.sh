@@ -15,7 +15,7 @@
 # Every plugin is then scored on the same measure, the held-out KL of each degree pair (a plugin
 # trained on another loss records its own loss in its curve, which is not comparable).
 # Needs `tocom experiment all --stage data` first (the split of the ImageNet sample).
-# Usage: bash benchmarks/distill_causes.sh [OUT_DIR]   (12-18 minutes per run on 2 cores; a finished
+# Usage: bash research/distill_causes.sh [OUT_DIR]   (12-18 minutes per run on 2 cores; a finished
 # run is kept, so a rerun trains only what is missing)
 set -eu
 D=runs/evidence/paper-mini/distill-data

@@ -1,6 +1,6 @@
 """How much a busy Python thread in the same process slows a forward, at r = 0 and r = 16.
 
-    python benchmarks/gil_contention.py --checkpoint runs/cifar10_full_r0.safetensors
+    python research/gil_contention.py --checkpoint runs/cifar10_full_r0.safetensors
 
 Why `tocom serve` runs the model in a worker process of its own: a forward at a high degree is
 hundreds of small operations, and each one, having released the interpreter lock around its
