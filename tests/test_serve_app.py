@@ -63,7 +63,7 @@ def service(tmp_path_factory):
     config = ServeConfig(model=NAME, checkpoint=str(checkpoint), plugin=str(tmp / "plugin.tocom.safetensors"),
                          degrees=(0, 2, 4), slo_ms=2000, max_batch=8, batch_wait_ms=100,
                          max_ongoing=MAX_ONGOING, max_queued=64, replica_cpus=0.5, threads=1,
-                         max_body_mb=0.05, port=port)
+                         max_body_mb=0.05, port=port, trust_request_start=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         start_serve("127.0.0.1", port)
@@ -144,12 +144,16 @@ def test_time_before_the_replica_counts_when_a_front_end_stamps_it(service):
 
 
 def test_health_info_and_unknown_routes(service):
-    port = service["port"]
+    port, config = service["port"], service["config"]
     assert request(port, "GET", "/healthz")[:1] == (200,)
     status, _, body = request(port, "GET", "/v1/info")
     info = json.loads(body)
     assert status == 200 and info["degrees"] == [0, 2, 4] and info["slo_ms"] == 2000
     assert set(info["latency_ms"]) == {"0", "2", "4"} and info["classes"] == CLASSES
+    # names and hashes, not where the files lie
+    assert info["checkpoint"]["name"] == "tiny.safetensors" and len(info["checkpoint"]["sha256"]) == 64
+    assert info["plugin"]["name"] == "plugin.tocom.safetensors"
+    assert os.path.dirname(config.checkpoint) not in body.decode()
     assert request(port, "GET", "/nowhere")[0] == 404
     status, headers, _ = request(port, "GET", "/v1/classify")
     assert status == 405 and headers["allow"] == "POST"
@@ -162,6 +166,10 @@ def test_bad_bodies_get_400_and_413(service):
     status, _, body = request(port, "POST", "/v1/classify", image_bytes()[:60])  # truncated PNG
     assert status == 400, body
     assert request(port, "POST", "/v1/classify?k=0", image_bytes())[0] == 400
+    # digits that str.isdigit() takes but int() does not, and a k that int() would take long over
+    for query in ("k=%C2%B2", "k=%D9%A3", "k=" + "9" * 5000):
+        status, _, body = request(port, "POST", f"/v1/classify?{query}", image_bytes())
+        assert status == 400 and json.loads(body)["error"].startswith("k must be an integer from 1 to 5")
     big = os.urandom(80 * 1024)  # over the 50 KB limit of this service
     status, _, body = request(port, "POST", "/v1/classify", big)
     assert status == 413 and "limit" in json.loads(body)["error"]

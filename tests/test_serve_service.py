@@ -40,13 +40,13 @@ def test_front_with_a_worker_elsewhere_answers_as_the_local_one(config):
     images = [local.preprocess(png(i)) for i in range(3)]
     expected = local.classify(images, [0.0] * 3, [2] * 3)
     degree = front.choose([0.0] * 3)
-    probs, compute_ms, switch_ms = worker.run(torch.stack(images).numpy(), degree)
-    assert probs.shape == (3, 5) and compute_ms > 0 and 0 <= switch_ms < compute_ms
+    probs, compute_ms, switch_ms, ran = worker.run(torch.stack(images).numpy(), degree)
+    assert probs.shape == (3, 5) and compute_ms > 0 and 0 <= switch_ms < compute_ms and ran == degree
     answers = front.answer(probs, degree, compute_ms, [2] * 3, switch_ms)
     assert [a["predictions"] for a in answers] == [e["predictions"] for e in expected]
     assert all(a["degree"] == degree == 0 and a["batch_size"] == 3 for a in answers)  # idle: full accuracy
     assert front.info()["degree"] == 0
-    _, compute_ms, switch_ms = worker.run(torch.stack(images).numpy(), 4)  # a switch, timed apart
-    assert 0 < switch_ms < compute_ms
+    _, compute_ms, switch_ms, ran = worker.run(torch.stack(images).numpy(), 4)  # a switch, timed apart
+    assert 0 < switch_ms < compute_ms and ran == 4
     with pytest.raises(RuntimeError, match="runs elsewhere"):
         front.classify(images, [0.0] * 3, [2] * 3)

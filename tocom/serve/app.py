@@ -5,11 +5,23 @@ Routes (relative to the application's route prefix):
 * ``POST /v1/classify?k=5`` - body: the raw bytes of a JPEG, PNG or WebP image. Answers
   ``{"predictions": [{"index", "label", "probability"}...], "degree", "gflops", "batch_size",
   "queue_ms", "compute_ms", "total_ms"}``; 400 with the reason for undecodable bodies or a bad
-  ``k``; 413 over the body limit; 503 with ``Retry-After`` when the replica already holds
-  ``max_ongoing`` requests, or when a request queued behind those it holds is predicted to miss
-  the SLO even at the fastest degree.
-* ``GET /healthz`` - ``{"status": "ok"}``.
-* ``GET /v1/info`` - model, plugin, degrees, SLO, the calibrated latency table, the degree now.
+  ``k``; 408 when the body does not arrive within ``body_timeout_s``; 413 over the body limit;
+  503 with ``Retry-After`` when the replica already holds ``max_ongoing`` requests, when a
+  request queued behind those it holds is predicted to miss the SLO even at the fastest degree,
+  or when the model worker is dead, restarting or not answering; 504 past the request deadline.
+* ``GET /healthz`` - ``{"status": "ok"}`` when the model worker answers a ping, else 503.
+* ``GET /v1/info`` - model, checkpoint and plugin (names and SHA-256), degrees, SLO, the
+  calibrated latency table, the degree now.
+
+With a token configured every route but ``/healthz`` needs ``Authorization: Bearer <token>``,
+else 401. Every error is JSON, ``{"error": ...}``; an unexpected one is a 500 whose traceback
+goes to the replica's log, not to the client.
+
+A body is read, within ``body_timeout_s``, before the request takes one of the replica's
+``max_ongoing`` places: slow uploads hold none. The model worker is a Ray actor that Ray
+restarts when its process dies. When a call to it fails that way, or a batch goes unanswered
+for :meth:`TocomReplica.worker_timeout_s`, the replica answers 503 with ``Retry-After`` at once
+until the worker answers a ping again.
 
 Ray's own backpressure (``max_queued_requests``, requests waiting in the router for a replica)
 answers 503 without ``Retry-After``, and Ray 2.60 offers no hook on that response. So Ray lets
@@ -21,31 +33,51 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import ray
 import torch
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import metrics
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tocom.serve.batcher import Batcher, Running
 from tocom.serve.controller import ArrivalRate
+from tocom.serve.edge import BadRequest, bearer_matches, parse_content_length, parse_k
 from tocom.serve.images import BadImage
 from tocom.serve.service import ModelWorker, ServeConfig, Service
 from tocom.serve.upstream import HEADER as UPSTREAM_HEADER
 from tocom.serve.upstream import upstream_wait_ms
 
+logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
 ROUTES = {"/healthz": ("GET",), "/v1/info": ("GET",), "/v1/classify": ("POST",)}
+OPEN_ROUTES = {"/healthz"}  # answered without a token: load balancers probe it
 ROUTER_SLACK = 64
 LATENCY_BOUNDARIES_MS = [5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000]
+WORKER_RESTARTS = 3  # after that the health check fails and Ray Serve replaces the whole replica
+WORKER_TIMEOUT_FLOOR_S = 1.0
+WORKER_RETRY_AFTER_S = 5  # a restarted worker loads its model again: seconds
+PROBE_EVERY_S = 0.5
+
+
+class WorkerUnavailable(Exception):
+    """The model worker died, is restarting or does not answer: the request may be retried."""
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def _unavailable(why: str) -> JSONResponse:
+    return _error(503, f"model worker unavailable: {why}; retry later",
+                  **{"retry-after": str(WORKER_RETRY_AFTER_S)})
 
 
 def cpu_split(replica_cpus: float) -> tuple[float, float]:
@@ -69,15 +101,24 @@ class TocomReplica:
     by the replica (it dies with it) in the replica's placement group (so on the same node). In
     one process, the HTTP side's Python held the GIL often enough to slow the forwards by half
     under load: a forward at r = 16 is hundreds of small operations, each retaking the GIL.
+
+    Args:
+        config: the deployment's settings.
+        worker: the model worker's handle (``describe``, ``run`` and ``ping``, each with a
+            ``.remote(...)`` that returns an awaitable); by default :func:`spawn_worker`'s actor.
+            Tests hand in one running in this process.
     """
 
-    async def __init__(self, config: ServeConfig):
+    async def __init__(self, config: ServeConfig, worker: Any = None):
         self.config = config
         torch.set_num_threads(1)  # this side only decodes and resizes; the worker has the threads
-        need = worker_resources(config)
-        worker = ray.remote(ModelWorker).options(num_cpus=need["CPU"], num_gpus=need.get("GPU", 0))
-        self._worker = worker.remote(config)
+        self._worker = worker if worker is not None else spawn_worker(config)
         self.service = Service(config, await self._worker.describe.remote())
+        # A pool, not a semaphore around to_thread: a decode given up at the deadline keeps its
+        # thread until it ends, so the bound on decodes, and on their memory, holds even then.
+        self._decoder = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="tocom-decode")
+        self._worker_down: str | None = None  # why the worker is thought unavailable, while it is
+        self._watch: asyncio.Task | None = None
         # not @serve.batch: it forms batches while one runs, so a busy replica ran batches of 1-2
         self._batcher = Batcher(max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000,
                                 start=self._start_batch, lead_s=(config.lead_ms or 0) / 1000)
@@ -97,8 +138,49 @@ class TocomReplica:
                                               boundaries=[1, 2, 4, 8, 16, 32, 64])
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: a replica whose model worker died is replaced."""
-        await self._worker.ping.remote()
+        """Ray Serve's health check: a replica whose worker stays dead or hung is replaced (Serve
+        waits for three failed checks, time enough for Ray to restart a worker that died)."""
+        problem = await self._ping()
+        if problem is not None:
+            raise RuntimeError(f"the model worker is unavailable: {problem}")
+
+    def worker_timeout_s(self) -> float:
+        """How long the worker may take to answer a call before it counts as hung.
+
+        Four times the predicted time of the slowest full batch (a call may wait behind one
+        batch), at least a second, and at most half the request deadline, so that the requests
+        of a batch the worker sits on get their 503 before their deadline.
+        """
+        controller, batch = self.service.controller, self.config.max_batch
+        slowest_s = max(controller.forward_ms(d, batch) for d in self.service.degrees) / 1000
+        return min(max(WORKER_TIMEOUT_FLOOR_S, 4 * slowest_s), self.config.deadline_ms / 2000)
+
+    async def _ping(self) -> str | None:
+        """None when the worker answers a ping in time (it then counts as up again), else why not."""
+        timeout = self.worker_timeout_s()
+        try:
+            await asyncio.wait_for(self._worker.ping.remote(), timeout)
+        except asyncio.TimeoutError:
+            return f"it did not answer a ping within {timeout:.1f} s"
+        except RayActorError as err:
+            return f"it died ({type(err).__name__}); Ray restarts it"
+        if self._worker_down is not None:
+            logger.info("the model worker answers again (it was unavailable: %s)", self._worker_down)
+            self._worker_down = None
+        return None
+
+    def _lost_worker(self, why: str) -> None:
+        """Refuse requests at once, rather than queue them behind a dead worker, until it answers
+        a ping (tried every ``PROBE_EVERY_S``)."""
+        if self._worker_down is None:
+            logger.warning("the model worker is unavailable: %s; refusing requests until it answers", why)
+        self._worker_down = why
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watch_worker())
+
+    async def _watch_worker(self) -> None:
+        while self._worker_down is not None and await self._ping() is not None:
+            await asyncio.sleep(PROBE_EVERY_S)
 
     async def __call__(self, request: Request) -> Response:
         path = request.scope["path"]
@@ -106,24 +188,34 @@ class TocomReplica:
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         path = path.rstrip("/") or "/"
+        try:
+            response = await self._route(request, path)
+        except Exception:  # noqa: BLE001 - the client gets JSON; the traceback stays in the log
+            logger.exception("unexpected error answering %s %s", request.method, path)
+            response = _error(500, "internal error; the replica's log has the details")
+        if path == "/v1/classify":
+            self._requests.inc(tags={"status": str(response.status_code)})
+        return response
+
+    async def _route(self, request: Request, path: str) -> Response:
+        digest, given = self.config.token_sha256, request.headers.get("authorization")
+        # before routing: without the token nothing is learnt, not even which paths exist
+        if digest and path not in OPEN_ROUTES and not bearer_matches(given, digest):
+            return _error(401, "missing or wrong token: send the header Authorization: Bearer <token>",
+                          **{"www-authenticate": 'Bearer realm="tocom"'})
         if path not in ROUTES:
             return _error(404, f"no route {path}; routes: {', '.join(sorted(ROUTES))}")
         if request.method not in ROUTES[path]:
             return _error(405, f"{path} accepts {', '.join(ROUTES[path])}", allow=", ".join(ROUTES[path]))
         if path == "/healthz":
-            return JSONResponse({"status": "ok"})
+            problem = await self._ping()
+            return JSONResponse({"status": "ok"}) if problem is None else _unavailable(problem)
         if path == "/v1/info":
             return JSONResponse(self.service.info())
-        response = await self._classify(request)
-        self._requests.inc(tags={"status": str(response.status_code)})
-        return response
+        return await self._classify(request)
 
-    async def _read_body(self, request: Request) -> bytes | None:
-        """The body, or None when it is over the limit (read no further than the limit)."""
-        limit = int(self.config.max_body_mb * 2**20)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return None
+    async def _read_body(self, request: Request, limit: int) -> bytes | None:
+        """The body, or None when it is over ``limit`` bytes (read no further than the limit)."""
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -133,43 +225,66 @@ class TocomReplica:
         return b"".join(chunks)
 
     async def _classify(self, request: Request) -> Response:
+        c = self.config
         reached = time.perf_counter()
-        upstream_ms = upstream_wait_ms(request.headers.get(UPSTREAM_HEADER), time.time())
+        # trusted, any client could stamp its requests old and force the fastest degree on all
+        stamp = request.headers.get(UPSTREAM_HEADER) if c.trust_request_start else None
+        upstream_ms = upstream_wait_ms(stamp, time.time())
         arrival = reached - upstream_ms / 1000  # the SLO runs from the front end's stamp, if any
+        limit = int(c.max_body_mb * 2**20)
+        too_big = _error(413, f"body over the {c.max_body_mb:g} MB limit; send a smaller image")
+        try:
+            k = parse_k(request.query_params.get("k"), c.top_k, self.service.num_classes)
+            declared = parse_content_length(request.headers.get("content-length"))
+        except BadRequest as err:
+            return _error(400, str(err))
+        if declared is not None and declared > limit:
+            return too_big
+        try:
+            body = await asyncio.wait_for(self._read_body(request, limit), c.body_timeout_s)
+        except asyncio.TimeoutError:
+            return _error(408, f"the body did not arrive within {c.body_timeout_s:g} s; send it again",
+                          connection="close")
+        if body is None:
+            return too_big
         self._arrivals.add(reached)
+        if self._worker_down is not None:
+            return _unavailable(self._worker_down)
         held, controller = len(self._held), self.service.controller
-        if held >= self.config.max_ongoing or not controller.admits(held, upstream_ms):
-            reason = (f"this replica holds {held} requests" if held >= self.config.max_ongoing else
-                      f"behind the {held} requests held here it would miss the {self.config.slo_ms:g} ms SLO")
+        waited_ms = (time.perf_counter() - arrival) * 1000  # the upload counts against the SLO too
+        if held >= c.max_ongoing or not controller.admits(held, waited_ms):
+            reason = (f"this replica holds {held} requests" if held >= c.max_ongoing else
+                      f"behind the {held} requests held here it would miss the {c.slo_ms:g} ms SLO")
             return _error(503, f"overloaded: {reason}; retry later",
                           **{"retry-after": str(controller.retry_after_s(held))})
         rid = next(self._ids)
         self._held[rid] = arrival
         try:
-            k = request.query_params.get("k", str(self.config.top_k))
-            num_classes = self.service.num_classes
-            if not k.isdigit() or not 1 <= int(k) <= num_classes:
-                return _error(400, f"k must be an integer from 1 to {num_classes}, got {k!r}")
-            body = await self._read_body(request)
-            if body is None:
-                limit = self.config.max_body_mb
-                return _error(413, f"body over the {limit:g} MB limit; send a smaller image")
-            try:
-                image = await asyncio.to_thread(self.service.preprocess, body)
-            except BadImage as err:
-                return _error(400, str(err))
-            result = await self._batcher.submit((image, arrival, int(k)))
+            result = await asyncio.wait_for(self._answer(body, arrival, k), c.deadline_ms / 1000)
+        except BadImage as err:
+            return _error(400, str(err))
+        except WorkerUnavailable as err:
+            return _unavailable(str(err))
+        except asyncio.TimeoutError:
+            return _error(504, f"not answered within the {c.deadline_ms:g} ms deadline; retry later")
         finally:
             del self._held[rid]
         total_ms = (time.perf_counter() - arrival) * 1000
         result["total_ms"] = round(total_ms, 3)
         result["upstream_ms"] = round(upstream_ms, 3)
         self._latency.observe(total_ms)
-        self._slo.inc(tags={"met": str(total_ms <= self.config.slo_ms).lower()})
+        self._slo.inc(tags={"met": str(total_ms <= c.slo_ms).lower()})
         return JSONResponse(result)
+
+    async def _answer(self, body: bytes, arrival: float, k: int) -> dict:
+        """Decode ``body`` on one of the replica's decode threads, then classify it in a batch."""
+        image = await asyncio.wrap_future(self._decoder.submit(self.service.preprocess, body))
+        return await self._batcher.submit((image, arrival, k))
 
     async def _start_batch(self, items: list[tuple]) -> Running:
         """Hand a batch of ``(image (3, H, W), arrival, k)`` to the model worker; see :class:`Batcher`."""
+        if self._worker_down is not None:  # answered at once, not queued behind a dead worker
+            raise WorkerUnavailable(self._worker_down)
         start = time.perf_counter()
         waits = [(start - t) * 1000 for t in self._held.values()]
         images, arrivals, ks = zip(*items)
@@ -181,13 +296,36 @@ class TocomReplica:
         return Running(self._answer_batch(answer, degree, arrivals, ks, start), busy_s)
 
     async def _answer_batch(self, answer, degree: int, arrivals, ks, start: float) -> list[dict]:
-        probs, compute_ms, switch_ms = await answer
-        results = self.service.answer(probs, degree, compute_ms, ks, switch_ms)
-        self._degrees.inc(tags={"degree": str(degree)})
+        timeout = self.worker_timeout_s()
+        try:
+            probs, compute_ms, switch_ms, ran = await asyncio.wait_for(answer, timeout)
+        except asyncio.TimeoutError:
+            why = f"it did not answer a batch within {timeout:.1f} s"
+            self._lost_worker(why)
+            raise WorkerUnavailable(why) from None
+        except RayActorError as err:
+            why = f"it died ({type(err).__name__}); Ray restarts it"
+            self._lost_worker(why)
+            raise WorkerUnavailable(why) from None
+        results = self.service.answer(probs, ran, compute_ms, ks, switch_ms, asked=degree)
+        self._degrees.inc(tags={"degree": str(ran)})
         self._batch_sizes.observe(len(ks))
         for result, arrival in zip(results, arrivals):
             result["queue_ms"] = round((start - arrival) * 1000, 3)
         return results
+
+
+def spawn_worker(config: ServeConfig):
+    """A :class:`~tocom.serve.service.ModelWorker` actor for a replica, restarted by Ray when its
+    process dies (up to ``WORKER_RESTARTS`` times).
+
+    Calls in flight when it dies fail rather than run again (``max_task_retries=0``): their
+    requests are answered 503 at once. A restarted worker takes its calibration from the cache.
+    """
+    need = worker_resources(config)
+    worker = ray.remote(ModelWorker).options(num_cpus=need["CPU"], num_gpus=need.get("GPU", 0),
+                                             max_restarts=WORKER_RESTARTS, max_task_retries=0)
+    return worker.remote(config)
 
 
 def deployment_options(config: ServeConfig) -> dict:

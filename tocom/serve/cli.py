@@ -9,6 +9,8 @@ import signal
 import threading
 
 from tocom.serve.calibrate import DEFAULT_DEGREES
+from tocom.serve.edge import TOKEN_ENV, load_token, token_digest
+from tocom.serve.images import MAX_PIXELS
 from tocom.serve.service import ServeConfig
 
 
@@ -63,6 +65,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--classes", help="text file of class names, one per line, in label order")
     p.add_argument("--max-body-mb", type=float, default=10.0)
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="largest image, width x height, checked before decoding (default 16000000)")
+    p.add_argument("--decode-threads", type=int, default=2, help="images a replica decodes at once")
+    p.add_argument("--body-timeout-s", type=float, default=10.0,
+                   help="time to receive a request's body; slower uploads get 408")
+    p.add_argument("--request-timeout-ms", type=float,
+                   help="deadline of a request once its body is in; later: 504 (default: 4x --slo-ms, "
+                        "at least 2000)")
+    p.add_argument("--trust-request-start", action="store_true",
+                   help="count the time since the X-Request-Start stamp (only behind a front end that "
+                        "sets it; clients could forge it)")
+    p.add_argument("--token-file",
+                   help=f"file whose first line is a token every route but /healthz needs, as "
+                        f"Authorization: Bearer <token> (default: ${TOKEN_ENV}, else no token)")
     p.add_argument("--top-k", type=int, default=5, help="default k of /v1/classify")
     p.add_argument("--access-log", action="store_true", help="let Ray log a line per request")
     p.add_argument("--recalibrate", action="store_true", help="measure latencies again instead of the cache")
@@ -85,6 +101,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--lead-ms must be >= 0 or 'off', got {args.lead_ms}")
     if args.slo_ms <= 0 or args.max_body_mb <= 0:
         raise ValueError("need --slo-ms > 0 and --max-body-mb > 0")
+    if args.max_pixels < 1 or args.decode_threads < 1 or args.body_timeout_s <= 0:
+        raise ValueError("need --max-pixels >= 1, --decode-threads >= 1 and --body-timeout-s > 0")
+    if args.request_timeout_ms is not None and args.request_timeout_ms <= 0:
+        raise ValueError(f"--request-timeout-ms must be > 0, got {args.request_timeout_ms}")
+    token = load_token(args.token_file)
     # Replicas run in other processes (other machines on a cluster): hand them absolute paths.
     absolute = lambda path: os.path.abspath(path) if path else None
     return ServeConfig(
@@ -96,6 +117,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_replicas=max_replicas, replica_cpus=args.replica_cpus, threads=args.threads, device=args.device,
         worker_cores=args.worker_cores,
         classes=absolute(args.classes), max_body_mb=args.max_body_mb, top_k=args.top_k,
+        max_pixels=args.max_pixels, decode_threads=args.decode_threads, body_timeout_s=args.body_timeout_s,
+        request_timeout_ms=args.request_timeout_ms, trust_request_start=args.trust_request_start,
+        token_sha256=token_digest(token) if token else None,
         recalibrate=args.recalibrate, access_log=args.access_log, host=args.host, port=args.port,
         route_prefix=args.route_prefix)
 
@@ -109,7 +133,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"tocom serve needs Ray Serve ({err}); pip install 'tocom[serve]'") from None
     local_cpus = max(2, math.ceil(config.max_replicas * config.replica_cpus))
     url = app.deploy(config, address=args.address, num_cpus=local_cpus)
-    print(f"serving {config.model} at {url}/v1/classify (info: {url}/v1/info); Ctrl-C stops", flush=True)
+    auth = "; every route but /healthz needs the bearer token" if config.token_sha256 else ""
+    print(f"serving {config.model} at {url}/v1/classify (info: {url}/v1/info){auth}; Ctrl-C stops",
+          flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

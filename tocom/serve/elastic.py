@@ -2,10 +2,13 @@
 
 Switching writes W_q and W_v in place while another thread may be running a forward, so a switch
 and the forward that follows it happen under one lock: a forward never sees half-switched weights.
+A switch that fails while serving leaves the model at the degree it had (``set_degree`` is all
+or nothing), logs why, and the batch runs there: :meth:`ElasticModel.run_timed` says so.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -15,6 +18,9 @@ from torch import nn
 
 from tocom.compensator import Compensator, attach, set_degree
 from tocom.models import is_patched, patch, schedule_report
+
+logger = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0  # a degree that keeps failing is logged again at most this often
 
 
 class ElasticModel:
@@ -48,6 +54,8 @@ class ElasticModel:
         # forward that follows it, so no other thread can move the degree in between.
         self._lock = threading.Lock()
         self._degree = -1
+        self.switch_failures = 0  # switches that failed while serving (the model kept its degree)
+        self._logged: dict[int, float] = {}  # degree -> when its last failure was logged
         self.switch(self.degrees[0])
 
     @property
@@ -55,9 +63,12 @@ class ElasticModel:
         """The degree the weights are folded for now."""
         return self._degree
 
-    def _switch_locked(self, degree: int) -> None:
+    def _check(self, degree: int) -> None:
         if degree not in self.gflops:
             raise ValueError(f"degree {degree} is not one this model serves ({self.degrees})")
+
+    def _switch_locked(self, degree: int) -> None:
+        self._check(degree)
         if degree == self._degree:
             return
         if self.plugin is not None:
@@ -72,19 +83,36 @@ class ElasticModel:
             self._switch_locked(degree)
 
     def run(self, images: torch.Tensor, degree: int) -> torch.Tensor:
-        """Class probabilities: ``images`` (B, 3, H, W) -> (B, num_classes), all computed at ``degree``."""
+        """Class probabilities: ``images`` (B, 3, H, W) -> (B, num_classes), all computed at ``degree``
+        (or all at the degree before, when switching fails: see :meth:`run_timed`)."""
         return self.run_timed(images, degree)[0]
 
-    def run_timed(self, images: torch.Tensor, degree: int) -> tuple[torch.Tensor, float]:
-        """:meth:`run`, and the milliseconds of it spent switching to ``degree`` (0 when already there).
+    def run_timed(self, images: torch.Tensor, degree: int) -> tuple[torch.Tensor, float, int]:
+        """:meth:`run`, the milliseconds of it spent switching to ``degree`` (0 when already there),
+        and the degree it ran at: ``degree``, or the one before when the switch failed.
 
         A server learning how fast its forwards run should not count a switch as forward time: with
         a plugin it folds a delta into the weights (2.7 ms median for DeiT-Tiny on a 2-core CPU).
+        A failed switch does not fail the batch: the requests are answered at the previous degree
+        (slower or less compressed than asked, never with half-switched weights), the failure is
+        logged and counted in :attr:`switch_failures`, and the next batch tries again.
         """
+        self._check(degree)  # a degree the model does not serve is the caller's bug: raise
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
-            self._switch_locked(degree)
+            try:
+                self._switch_locked(degree)
+            except Exception:  # noqa: BLE001 - the model is still whole at the old degree; serve on
+                self._switch_failed(degree)
             switch_ms = (time.perf_counter() - start) * 1000
             param = next(self.model.parameters())
             logits = self.model(images.to(param.device, param.dtype))
-            return logits.float().softmax(dim=-1).cpu(), switch_ms
+            return logits.float().softmax(dim=-1).cpu(), switch_ms, self._degree
+
+    def _switch_failed(self, degree: int) -> None:
+        self.switch_failures += 1
+        now = time.monotonic()
+        if now - self._logged.get(degree, float("-inf")) >= LOG_EVERY_S:
+            self._logged[degree] = now
+            logger.exception("switching from degree %d to %d failed (%d failures so far); the batch "
+                             "runs at degree %d", self._degree, degree, self.switch_failures, self._degree)

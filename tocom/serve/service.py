@@ -8,6 +8,7 @@ can form batches (a plain asyncio server, a queue worker) can drive them the sam
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -21,8 +22,15 @@ from tocom.data import transform_from_record
 from tocom.finetuned import recorded_preprocessing
 from tocom.serve.calibrate import DEFAULT_DEGREES, calibrate, distinct_degrees
 from tocom.serve.controller import DegreeController, LatencyTable
+from tocom.serve.edge import file_identity
 from tocom.serve.elastic import ElasticModel
-from tocom.serve.images import class_names, decode_image
+from tocom.serve.images import MAX_PIXELS, class_names, decode_image
+
+logger = logging.getLogger(__name__)
+# A request's deadline once its body is in, unless configured: a few SLOs, so that a request that
+# has already missed its SLO still gets its answer, but never less than a slow machine's cold start.
+DEADLINE_SLOS = 4
+DEADLINE_FLOOR_MS = 2000.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,12 @@ class ServeConfig:
     device: str = "cpu"
     classes: str | None = None
     max_body_mb: float = 10.0
+    max_pixels: int = MAX_PIXELS  # images over it are refused from their header, before decoding
+    decode_threads: int = 2  # images a replica decodes at once (each holds all its pixels)
+    body_timeout_s: float = 10.0  # to receive a body; slower uploads get 408, and held no slot
+    request_timeout_ms: float | None = None  # body in -> answer, else 504 (default: deadline_ms)
+    trust_request_start: bool = False  # take X-Request-Start from clients (only behind a front end)
+    token_sha256: str | None = None  # SHA-256 of the bearer token every path but /healthz needs
     top_k: int = 5
     recalibrate: bool = False
     access_log: bool = False  # Ray's per-request log lines (files under Ray's session folder)
@@ -64,6 +78,22 @@ class ServeConfig:
     @property
     def served_degrees(self) -> tuple[int, ...]:
         return (self.fixed_degree,) if self.fixed_degree is not None else tuple(self.degrees)
+
+    @property
+    def deadline_ms(self) -> float:
+        """How long a request may take once its body is in (decoding, queueing, the forward)."""
+        if self.request_timeout_ms is not None:
+            return self.request_timeout_ms
+        return max(DEADLINE_SLOS * self.slo_ms, DEADLINE_FLOOR_MS)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as ``/v1/info`` shows them: file names, not paths; no token digest."""
+        out = asdict(self)
+        del out["token_sha256"]
+        out["auth"] = self.token_sha256 is not None
+        for key in ("checkpoint", "plugin", "classes"):
+            out[key] = os.path.basename(out[key]) if out[key] else None
+        return out
 
 
 def load_elastic(config: ServeConfig) -> tuple[ElasticModel, dict[str, str]]:
@@ -103,6 +133,19 @@ def pin_thread(cores: Sequence[int]) -> None:
         raise ValueError(f"cannot pin to cores {sorted(cores)}: {err}") from None
 
 
+def restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted after it died (False outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return False
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not knowing only costs a calibration
+        logger.warning("could not tell whether this worker was restarted", exc_info=True)
+        return False
+
+
 class ModelWorker:
     """The model side of a replica: the elastic model, its latency table, and forwards.
 
@@ -118,9 +161,13 @@ class ModelWorker:
             torch.set_num_threads(config.threads)
         self.elastic, meta = load_elastic(config)
         model = self.elastic.model
+        # Restarted after a crash, the worker takes the table measured before it (from the cache):
+        # measuring again would hold the replica's requests for seconds, on the same machine.
+        refresh = config.recalibrate and not restarted_actor()
         table, calibration = calibrate(model, self.elastic.degrees, config.max_batch,
-                                       set_degree=self.elastic.switch, refresh=config.recalibrate)
+                                       set_degree=self.elastic.switch, refresh=refresh)
         self.description = {
+            "files": {"checkpoint": file_identity(config.checkpoint), "plugin": file_identity(config.plugin)},
             "meta": meta, "preprocessing": recorded_preprocessing(meta, model),
             "num_classes": int(getattr(model, "num_classes", 0)), "table": table.to_json(),
             "calibration": calibration, "gflops": dict(self.elastic.gflops),
@@ -128,21 +175,23 @@ class ModelWorker:
             "degree": self.elastic.degree}
 
     def ping(self) -> bool:
-        """Liveness, for health checks."""
+        """Liveness, for health checks: an answer means the worker runs calls (it runs them in
+        order, so a ping waits behind the batches it holds)."""
         return True
 
     def describe(self) -> dict[str, Any]:
         """What the front side needs: checkpoint metadata, preprocessing record, latency table..."""
         return self.description
 
-    def run(self, images: np.ndarray | torch.Tensor, degree: int) -> tuple[np.ndarray, float, float]:
+    def run(self, images: np.ndarray | torch.Tensor, degree: int) -> tuple[np.ndarray, float, float, int]:
         """``images`` (B, 3, H, W) -> (class probabilities (B, num_classes), milliseconds of the
-        call, milliseconds of it spent switching the degree)."""
+        call, milliseconds of it spent switching the degree, the degree it ran at: ``degree``, or
+        the one before when switching failed, see :meth:`ElasticModel.run_timed`)."""
         start = time.perf_counter()
         if isinstance(images, np.ndarray):  # Ray hands arrays over read-only; torch wants to own one
             images = torch.from_numpy(np.require(images, requirements="W"))
-        probs, switch_ms = self.elastic.run_timed(images, degree)
-        return probs.numpy(), (time.perf_counter() - start) * 1000, switch_ms
+        probs, switch_ms, ran = self.elastic.run_timed(images, degree)
+        return probs.numpy(), (time.perf_counter() - start) * 1000, switch_ms, ran
 
 
 class Service:
@@ -168,10 +217,12 @@ class Service:
         self.controller = DegreeController(self.table, config.slo_ms, config.max_batch, margin=config.margin,
                                            hysteresis=config.hysteresis, patience=config.patience)
         self.degree = d["degree"]  # the degree the worker's weights are folded for
+        self.switch_failures = 0  # batches that ran at another degree than asked (the switch failed)
+        self.files = {**d.get("files", {}), "classes": file_identity(config.classes)}
 
     def preprocess(self, body: bytes) -> torch.Tensor:
         """Image bytes -> (3, H, W) model input; :class:`~tocom.serve.images.BadImage` when undecodable."""
-        return self.transform(decode_image(body))
+        return self.transform(decode_image(body, self.config.max_pixels))
 
     def choose(self, waits_ms: Sequence[float], rate_rps: float = 0.0) -> int:
         """The degree of the next batch. ``waits_ms``: every held request's wait so far (this
@@ -179,13 +230,18 @@ class Service:
         return self.controller.choose(waits_ms, rate_rps)
 
     def answer(self, probs: np.ndarray | torch.Tensor, degree: int, compute_ms: float,
-               top_k: Sequence[int], switch_ms: float = 0.0) -> list[dict[str, Any]]:
+               top_k: Sequence[int], switch_ms: float = 0.0,
+               asked: int | None = None) -> list[dict[str, Any]]:
         """The answers of a batch run at ``degree``: ``probs`` (B, num_classes), ``top_k`` per image.
 
         ``compute_ms``: the batch as the worker timed it, of which ``switch_ms`` went to switching
         the degree. The controller learns the forward's speed and the switch's cost apart (not
         from the round trip: a pipelined batch also waits in the worker for the one before it).
+        ``asked``: the degree the batch was sent at, when the worker may have run it at another
+        (its switch failed); such batches are counted in ``/v1/info``'s ``switch_failures``.
         """
+        if asked is not None and asked != degree:  # the worker logged why
+            self.switch_failures += 1
         self.controller.observe(degree, len(probs), compute_ms - switch_ms)
         if switch_ms > 0:
             self.controller.observe_switch(switch_ms)
@@ -206,18 +262,24 @@ class Service:
         if self.worker is None:
             raise RuntimeError("this Service's model runs elsewhere; run the batch there and call answer()")
         degree = self.choose(waits_ms, rate_rps)
-        probs, compute_ms, switch_ms = self.worker.run(torch.stack(list(images)), degree)
-        return self.answer(probs, degree, compute_ms, top_k, switch_ms)
+        probs, compute_ms, switch_ms, ran = self.worker.run(torch.stack(list(images)), degree)
+        return self.answer(probs, ran, compute_ms, top_k, switch_ms, asked=degree)
 
     def info(self) -> dict[str, Any]:
-        """What ``GET /v1/info`` answers."""
+        """What ``GET /v1/info`` answers. Files appear as names and SHA-256 hashes: a client may check
+        which weights answer it, but learns nothing of the server's file system."""
         c = self.config
         gflops = {str(d): round(g, 4) for d, g in self.gflops.items()}
-        return {"model": c.model, "checkpoint": c.checkpoint, "plugin": c.plugin,
+        calibration = dict(self.calibration)
+        if calibration.get("path"):
+            calibration["path"] = os.path.basename(calibration["path"])
+        files = self.files
+        return {"model": c.model, "checkpoint": files.get("checkpoint"), "plugin": files.get("plugin"),
+                "classes_file": self.files.get("classes"), "switch_failures": self.switch_failures,
                 "source": self.source, "degrees": self.degrees, "degree": self.degree,
                 "slowdown": round(self.controller.slowdown, 3),
                 "switch_ms": round(self.controller.switch_ms, 3),
                 "slo_ms": c.slo_ms, "max_batch": c.max_batch, "gflops": gflops,
-                "latency_ms": self.table.to_json(), "calibration": self.calibration,
+                "latency_ms": self.table.to_json(), "calibration": calibration,
                 "classes": self.classes, "num_classes": self.num_classes,
-                "config": asdict(c)}
+                "config": c.public()}
