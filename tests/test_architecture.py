@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import tocom
 
 ROOT = Path(tocom.__file__).resolve().parent
 
-FLOORS = {
-    "atomic": 0, "compress": 1, "data": 1, "models": 2, "peft": 3, "compensator": 4, "pyra": 4,
-    "finetuned": 5, "seg": 5, "train": 6, "report": 6, "jobs": 7, "experiments": 8, "serve": 8,
-    "cli": 9, "__init__": 9, "__main__": 10,
-}
+PAGE = ROOT.parent / "docs" / "architecture.md"
+
+
+def floors_of(page: str) -> dict[str, int]:
+    """The floor table of docs/architecture.md: ``| N | `tocom/x/`, `tocom/y.py` | ... |`` rows."""
+    floors = {}
+    for floor, names in re.findall(r"^\| (\d+) \| ([^|]*`tocom/[^|]*)\|", page, flags=re.M):
+        for name in re.findall(r"`tocom/([\w.]+?)(?:/|\.py)?`", names):
+            floors[name] = int(floor)
+    return floors
+
+
+FLOORS = floors_of(PAGE.read_text())
+
+
+def test_the_floor_table_is_read_from_the_page():
+    assert FLOORS["compress"] == 1 and FLOORS["cli"] == FLOORS["__init__"] == 9
+    table = "| 3 | `tocom/new/` | x |\n| 4 | `tocom/a.py`, `tocom/b/` | y |"
+    assert floors_of(table) == {"new": 3, "a": 4, "b": 4}
 
 
 def package_of(path: Path) -> str:
@@ -141,3 +156,16 @@ def test_the_cycle_checker_follows_relative_and_lazy_imports(tmp_path, monkeypat
     assert module_imports(pkg / "a.py") == {"tocom.pkg.b"}
     assert module_imports(pkg / "c.py") == set()
     assert import_cycles() == [["tocom.pkg.a", "tocom.pkg.b", "tocom.pkg.a"]]
+
+
+def test_no_job_function_takes_more_than_ten_parameters():
+    """A job takes a config object (``DistillConfig``, ``FinetuneConfig``, ...), not 25 keywords."""
+    long = []
+    for path in sorted((ROOT / "jobs").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                a = node.args
+                count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs)
+                if count > 10:
+                    long.append(f"jobs/{path.name}: {node.name} takes {count}")
+    assert not long, "\n".join(long)

@@ -176,12 +176,12 @@ def test_eval_cli_errors(tmp_path):
 
 def test_run_distill_same_seed_same_plugin(tmp_path):
     """The seed fixes the plugin's random init too, not only the data order and degree pairs."""
-    from tocom.jobs.distill import run_distill
+    from tocom.jobs.distill import DistillConfig, run_distill
 
     ckpt, data = tiny_checkpoint(tmp_path), image_folder(tmp_path)
-    plugins = [run_distill("vit_tiny_patch16_224", data, checkpoint=str(ckpt), max_r=4, steps=2, batch_size=4,
-                           out=tmp_path / f"p{i}.tocom.safetensors", num_workers=0, seed=seed,
-                           progress=False)[0]
+    plugins = [run_distill(DistillConfig("vit_tiny_patch16_224", data, checkpoint=str(ckpt), max_r=4, steps=2,
+                                         batch_size=4, out=tmp_path / f"p{i}.tocom.safetensors",
+                                         num_workers=0, seed=seed, progress=False))[0]
                for i, seed in enumerate((3, 3, 4))]
     assert torch.equal(plugins[0].A, plugins[1].A) and torch.equal(plugins[0].B, plugins[1].B)
     assert not torch.equal(plugins[0].A, plugins[2].A)
@@ -189,13 +189,13 @@ def test_run_distill_same_seed_same_plugin(tmp_path):
 
 def test_holdout_curve_starts_at_the_loss_of_compression_alone(tmp_path):
     from tocom.data import eval_transform
-    from tocom.jobs.distill import LabelledFiles, run_distill
+    from tocom.jobs.distill import DistillConfig, LabelledFiles, run_distill
     from tocom.models.loading import create_model
 
     ckpt, images = tiny_checkpoint(tmp_path), image_folder(tmp_path, n=6)
     kwargs = dict(checkpoint=str(ckpt), max_r=4, steps=4, batch_size=4, out=tmp_path / "p.tocom.safetensors",
                   num_workers=0, progress=False, holdout=images, holdout_pairs=((0, 4),), eval_every=2)
-    _, summary = run_distill("vit_tiny_patch16_224", images, **kwargs)
+    _, summary = run_distill(DistillConfig("vit_tiny_patch16_224", images, **kwargs))
     curve = summary["holdout_curve"]
     assert [point["step"] for point in curve] == [0, 2, 4]
     model = tocom.patch(create_model("vit_tiny_patch16_224", str(ckpt)).eval())  # no plugin at all
@@ -210,7 +210,7 @@ def test_holdout_curve_starts_at_the_loss_of_compression_alone(tmp_path):
     assert curve[0]["loss_0_to_4"] == pytest.approx(kl, rel=1e-4)
     assert curve[-1]["loss_0_to_4"] != curve[0]["loss_0_to_4"]  # the trained plugin changed it
     # a resume keeps the whole curve, compression alone included
-    _, resumed = run_distill("vit_tiny_patch16_224", images, **kwargs, resume=True)
+    _, resumed = run_distill(DistillConfig("vit_tiny_patch16_224", images, **kwargs, resume=True))
     assert resumed["holdout_curve"] == curve
 
 
@@ -228,18 +228,18 @@ def test_distill_cli_records_the_holdout_curve_at_pairs_that_fit_max_r(tmp_path)
 def test_cross_entropy_distillation_refuses_images_without_labels(tmp_path):
     """Without labels.txt every image would be class 0 and the ``ce`` loss would learn just that."""
     from tocom.data import eval_transform
-    from tocom.jobs.distill import LabelledFiles, run_distill
+    from tocom.jobs.distill import DistillConfig, LabelledFiles, run_distill
 
     ckpt, images = tiny_checkpoint(tmp_path), image_folder(tmp_path, n=4)
     kwargs = dict(checkpoint=str(ckpt), max_r=2, steps=1, batch_size=2, num_workers=0, progress=False,
                   out=tmp_path / "p.tocom.safetensors", loss="ce")
     with pytest.raises(FileNotFoundError, match="labels.txt is missing"):
-        run_distill("vit_tiny_patch16_224", images, **kwargs)
+        run_distill(DistillConfig("vit_tiny_patch16_224", images, **kwargs))
     (images / "labels.txt").write_text("nested/0.png 3\nnested/1.png 5\n")
     with pytest.raises(ValueError, match="no label for 2 of 4 images"):
-        run_distill("vit_tiny_patch16_224", images, **kwargs)
+        run_distill(DistillConfig("vit_tiny_patch16_224", images, **kwargs))
     (images / "labels.txt").write_text("".join(f"nested/{i}.png {i}\n" for i in range(4)))
-    run_distill("vit_tiny_patch16_224", images, **kwargs)
+    run_distill(DistillConfig("vit_tiny_patch16_224", images, **kwargs))
     assert (tmp_path / "p.tocom.safetensors").is_file()
     labelled = LabelledFiles(images, eval_transform(tiny_vit()), require_labels=True)
     assert sorted(labelled[i][1] for i in range(4)) == [0, 1, 2, 3]

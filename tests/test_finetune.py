@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import tocom
 from tocom.cli import main
 from tocom.finetuned import checkpoint_metadata, load_model
-from tocom.jobs.finetune import ClassifyObjective, add_method, run_finetune
+from tocom.jobs.finetune import ClassifyObjective, FinetuneConfig, add_method, run_finetune
 from tocom.peft import add_lora, fold
 from tocom.pyra import add_pyra
 from tocom.train import TrainConfig, train
@@ -64,13 +64,13 @@ def test_lora_fold_gives_the_same_outputs():
     assert torch.allclose(unfolded, folded, atol=1e-5)
 
 
-def finetune(vtab_task, tmp_path, **kw):
+def finetune(vtab_task, tmp_path, stop_after=None, **kw):
     args = dict(method="pyra", r="2", epochs=2, batch_size=4, num_workers=0, progress=False,
                 out=tmp_path / "out.safetensors")
     args.update(kw)
     if "checkpoint" not in args:  # (setdefault would rewrite a caller's file of the same name)
         args["checkpoint"] = tiny_checkpoint(tmp_path)
-    return run_finetune("vit_tiny_patch16_224", vtab_task, **args)
+    return run_finetune(FinetuneConfig("vit_tiny_patch16_224", vtab_task, **args), stop_after=stop_after)
 
 
 def test_resumed_finetune_equals_uninterrupted(vtab_task, tmp_path):
@@ -134,5 +134,6 @@ def test_finetune_under_evit_records_it_and_loads_pruning(vtab_task, tmp_path, c
         model(torch.randn(2, 3, 32, 32))
     assert model.last_state.tokens[-1] == 17 - 2 * len(model.blocks)  # pruned r = 2 per block
     with pytest.raises(ValueError, match="PYRA modulates token merging"):
-        run_finetune("vit_tiny_patch16_224", vtab_task, checkpoint=tiny_checkpoint(tmp_path), method="pyra",
-                     compression="evit", out=tmp_path / "no.safetensors", num_workers=0, progress=False)
+        run_finetune(FinetuneConfig("vit_tiny_patch16_224", vtab_task, checkpoint=tiny_checkpoint(tmp_path),
+                                    method="pyra", compression="evit", out=tmp_path / "no.safetensors",
+                                    num_workers=0, progress=False))

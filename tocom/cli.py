@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from tocom.compress import parse_schedule
@@ -66,18 +67,20 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     print(f"wrote {visualize(model, args.image, args.out)}")
 
 
-def cmd_distill(args: argparse.Namespace) -> None:
-    from tocom.jobs.distill import run_distill
+def job_config(cls: type, args: argparse.Namespace, **given):
+    """A job's config dataclass from parsed flags: each field from the flag of its name (``model_name``
+    from ``model``, ``num_workers`` from ``--workers``); a flag left unset (None) keeps the field's
+    default, and ``given`` overrides both."""
+    flags = {**vars(args), "model_name": args.model, "num_workers": args.workers}
+    values = {f.name: flags[f.name] for f in fields(cls) if flags.get(f.name) is not None}
+    return cls(**{**values, **given})
 
-    _, summary = run_distill(
-        args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
-        max_r=args.max_r, groups=args.groups, rank=args.rank, scale=args.scale, variant=args.variant,
-        loss=args.loss, preset=args.preset, epochs=args.epochs, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, out=args.out, run_dir=args.run_dir, resume=args.resume,
-        num_workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
-        mode=args.mode, decode_once=args.decode_once, holdout=args.holdout, eval_every=args.eval_every)
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from tocom.jobs.distill import DistillConfig, run_distill
     from tocom.train import distributed
 
+    _, summary = run_distill(job_config(DistillConfig, args))
     if distributed.rank() == 0:
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
@@ -98,38 +101,26 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from tocom.jobs.finetune import run_finetune
+    from tocom.jobs.finetune import FinetuneConfig, run_finetune
     from tocom.train import distributed
 
     if args.task == "segmentation":
         cmd_finetune_segmentation(args)
         return
-    _, recipe = run_finetune(
-        args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained, method=args.method,
-        r=args.r, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        modulator_lr=args.modulator_lr, rank=args.rank,
-        lora_targets=tuple(args.lora_targets), bottleneck=args.bottleneck,  # "qv" -> q, v
-        adapter_scale=args.adapter_scale, split_train=args.split_train, val_every=args.val_every,
-        out=args.out, run_dir=args.run_dir, resume=args.resume, num_workers=args.workers,
-        device=args.device, seed=args.seed, compression=args.compression)
+    config = job_config(FinetuneConfig, args, lora_targets=tuple(args.lora_targets))  # "qv" -> q, v
+    _, recipe = run_finetune(config)
     if distributed.rank() == 0:
         print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "curve"))
 
 
 def cmd_finetune_segmentation(args: argparse.Namespace) -> None:
-    from tocom.jobs.segment import run_segment_finetune
+    from tocom.jobs.segment import SegmentConfig, run_segment_finetune
     from tocom.train import distributed
 
     if args.modulator_lr is not None:
         raise ValueError("--modulator-lr sets the lr of PYRA's modulators; segmentation has no --method pyra")
-    given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-             if v is not None}
     out = args.out if args.out != "finetuned.safetensors" else "segmenter.safetensors"
-    _, recipe = run_segment_finetune(
-        args.model, args.data, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        method=args.method or "full", r=args.r or "0", mode=args.mode, rank=args.rank, out=out,
-        run_dir=args.run_dir, resume=args.resume, num_workers=args.workers, device=args.device,
-        seed=args.seed, **given)
+    _, recipe = run_segment_finetune(job_config(SegmentConfig, args, out=out))
     if distributed.rank() == 0:
         print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "curve"))
 

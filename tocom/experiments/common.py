@@ -18,9 +18,9 @@ from tocom.atomic import atomic_write_text
 from tocom.compensator import Compensator
 from tocom.data import load_dataset, shared_dir, write_vtab
 from tocom.finetuned import eval_transform_for, load_model
-from tocom.jobs.distill import run_distill
+from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, sweep, sweep_at_selected_scales
-from tocom.jobs.finetune import run_finetune
+from tocom.jobs.finetune import FinetuneConfig, run_finetune
 from tocom.models import patch
 
 MODEL = "deit_tiny_patch16_224"
@@ -88,7 +88,7 @@ class Lab:
         out = self.work / "models" / self.budget_name / f"{task}_{method}_r{tag}.safetensors"
         if not out.is_file():
             run_finetune(
-                MODEL,
+                FinetuneConfig(MODEL,
                 self.task_dir(task),
                 checkpoint=self.weights,
                 method=method,
@@ -97,7 +97,7 @@ class Lab:
                 out=out,
                 run_dir=str(out) + ".run",
                 resume=(Path(str(out) + ".run") / "last.ckpt").is_file(),
-                progress=self.progress,
+                progress=self.progress),
             )
         return out
 
@@ -115,7 +115,7 @@ class Lab:
         if not out.is_file():
             run_dir = Path(str(out) + ".run")
             run_distill(
-                MODEL,
+                DistillConfig(MODEL,
                 self.pretraining_images,
                 checkpoint=self.weights,
                 method=method,
@@ -127,7 +127,7 @@ class Lab:
                 out=out,
                 run_dir=run_dir,
                 resume=(run_dir / "last.ckpt").is_file(),
-                progress=self.progress,
+                progress=self.progress),
             )
         return out
 

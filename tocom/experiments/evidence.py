@@ -54,9 +54,9 @@ from tocom.experiments.keys import default_device as _default_device
 from tocom.experiments.keys import digest as _digest
 from tocom.experiments.keys import write_json as _write_json
 from tocom.finetuned import checkpoint_metadata, eval_transform_for, load_model
-from tocom.jobs.distill import run_distill
+from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, select_scales, sweep
-from tocom.jobs.finetune import run_finetune
+from tocom.jobs.finetune import FinetuneConfig, run_finetune
 from tocom.models import patch
 from tocom.report.provenance import content_hash, provenance
 
@@ -284,12 +284,12 @@ class Evidence:
         out = self.plugin_path(seed, variant)
         run_dir = Path(str(out) + ".run")
         _, summary = run_distill(
-            MODEL, train, checkpoint=str(self.weights), steps=self.p.plugin_steps,
+            DistillConfig(MODEL, train, checkpoint=str(self.weights), steps=self.p.plugin_steps,
             batch_size=self.p.plugin_batch, lr=self.p.plugin_lr, out=out, run_dir=run_dir,
             resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers, device=self.device,
             seed=seed, progress=self.progress, holdout=held, eval_every=self.p.plugin_eval_every,
             decode_once=True,  # 900 small images: decoding them every epoch bounded a GPU run
-            **VARIANTS.get(variant, {}))
+            **VARIANTS.get(variant, {})))
         _write_json(Path(str(out) + ".json"), {**summary, "variant": variant})
 
     def run_models(self) -> None:
@@ -306,11 +306,11 @@ class Evidence:
     def _finetune(self, task: str, source: int, seed: int) -> None:
         out = self.model_path(task, source, seed)
         run_dir = Path(str(out) + ".run")
-        run_finetune(MODEL, self.task_dir(task), checkpoint=self.weights, method=self.p.method,
+        run_finetune(FinetuneConfig(MODEL, self.task_dir(task), checkpoint=self.weights, method=self.p.method,
                      preset=self.p.preset, r=str(source), epochs=self.p.epochs,
                      batch_size=self.p.batch_size, val_every=1, out=out, run_dir=run_dir,
                      resume=(run_dir / "last.ckpt").is_file(), num_workers=self.num_workers,
-                     device=self.device, seed=seed, progress=self.progress)
+                     device=self.device, seed=seed, progress=self.progress))
 
     def run_predict(self) -> None:
         for unit in self._todo("predict", list(self.models()), self._records_of):
@@ -356,12 +356,13 @@ class Evidence:
             out = self.pyra_path(task, seed, method, lr)
             run_dir = Path(str(out) + ".run")
             if not out.is_file():
-                run_finetune(MODEL, self.task_dir(task), checkpoint=self.weights, method=method,
-                             preset="pyra-vtab", r=self.p.pyra_schedule, epochs=self.p.epochs,
-                             batch_size=self.p.batch_size, modulator_lr=lr, val_every=1, out=out,
-                             run_dir=run_dir, resume=(run_dir / "last.ckpt").is_file(),
-                             num_workers=self.num_workers, device=self.device, seed=seed,
-                             progress=self.progress)
+                run_finetune(FinetuneConfig(MODEL, self.task_dir(task), checkpoint=self.weights,
+                                            method=method, preset="pyra-vtab", r=self.p.pyra_schedule,
+                                            epochs=self.p.epochs, batch_size=self.p.batch_size,
+                                            modulator_lr=lr, val_every=1, out=out, run_dir=run_dir,
+                                            resume=(run_dir / "last.ckpt").is_file(),
+                                            num_workers=self.num_workers, device=self.device, seed=seed,
+                                            progress=self.progress))
             model = load_model(MODEL, out)  # patched, at the schedule it was fine-tuned at
             data = self._eval_images(task, "test", eval_transform_for(out, model))
             row = sweep(model, make_loader(data, self.p.eval_batch), [model.r], 0, device=self.device

@@ -22,9 +22,15 @@ from pathlib import Path
 from tocom.compensator import Compensator
 from tocom.data import SegmentationFolder, SegmentationTransform, write_segmentation_task
 from tocom.experiments.common import MODEL, SCALES, Lab
-from tocom.jobs.distill import run_distill
+from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import make_loader
-from tocom.jobs.segment import SegRow, patch_for_segmentation, run_segment_finetune, segment_sweep
+from tocom.jobs.segment import (
+    SegmentConfig,
+    SegRow,
+    patch_for_segmentation,
+    run_segment_finetune,
+    segment_sweep,
+)
 from tocom.models import schedule_report
 from tocom.report.compare import comparison_table
 from tocom.report.miou import paired_miou_difference
@@ -75,10 +81,10 @@ def _finetuned(lab: Lab, task: Path, budget: SegBudget) -> Path:
     out = lab.work / "models" / lab.budget_name / name
     if not out.is_file():
         run_dir = Path(str(out) + ".run")
-        run_segment_finetune(MODEL, task, checkpoint=lab.weights, method="full", r="0", mode="dense",
-                             epochs=budget.epochs, batch_size=budget.batch_size, out=out, run_dir=run_dir,
-                             resume=(run_dir / "last.ckpt").is_file(), num_workers=0,
-                             progress=lab.progress)
+        run_segment_finetune(SegmentConfig(MODEL, task, checkpoint=lab.weights, method="full", r="0",
+                                           mode="dense", epochs=budget.epochs, batch_size=budget.batch_size,
+                                           out=out, run_dir=run_dir, resume=(run_dir / "last.ckpt").is_file(),
+                                           num_workers=0, progress=lab.progress))
     return out
 
 
@@ -87,11 +93,11 @@ def _plugin(lab: Lab, budget: SegBudget) -> Path:
     out = lab.work / "plugins" / lab.budget_name / name
     if not out.is_file():
         run_dir = Path(str(out) + ".run")
-        run_distill(MODEL, lab.pretraining_images, checkpoint=lab.weights, method="tome", mode="dense",
-                    max_r=TARGETS[-1], groups=TARGETS[-1], steps=budget.distill_steps,
-                    batch_size=budget.distill_batch, lr=1e-3,
-                    out=out, run_dir=run_dir, resume=(run_dir / "last.ckpt").is_file(), num_workers=0,
-                    progress=lab.progress)
+        run_distill(DistillConfig(MODEL, lab.pretraining_images, checkpoint=lab.weights, method="tome",
+                                  mode="dense", max_r=TARGETS[-1], groups=TARGETS[-1],
+                                  steps=budget.distill_steps, batch_size=budget.distill_batch, lr=1e-3,
+                                  out=out, run_dir=run_dir, resume=(run_dir / "last.ckpt").is_file(),
+                                  num_workers=0, progress=lab.progress))
     return out
 
 

@@ -23,9 +23,9 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from tocom.compensator import Compensator
 from tocom.data import load_dataset, make_task, shared_dir, train_transform, write_vtab
 from tocom.finetuned import eval_transform_for, load_model
-from tocom.jobs.distill import run_distill
+from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import make_loader, sweep
-from tocom.jobs.finetune import ClassifyObjective, run_finetune
+from tocom.jobs.finetune import ClassifyObjective, FinetuneConfig, run_finetune
 from tocom.models import patch
 from tocom.models.loading import save_model
 from tocom.report.plots import accuracy_plot
@@ -127,17 +127,20 @@ def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin
         plugin, distill_note = Compensator.load(plugin_file), f"loaded from {plugin_file}"
     else:
         print(f"[demo] distilling a compensator on {plan.distill_data} ({plan.distill_steps} steps)")
-        plugin, summary = run_distill(plan.model_name, plan.distill_data, checkpoint=plan.checkpoint,
-                                      max_r=plan.max_r, steps=plan.distill_steps, batch_size=32, lr=1e-3,
-                                      out=out / "compensator.tocom.safetensors", run_dir=out / "distill.run",
-                                      num_workers=2, progress=progress)
+        plugin, summary = run_distill(DistillConfig(plan.model_name, plan.distill_data,
+                                                    checkpoint=plan.checkpoint, max_r=plan.max_r,
+                                                    steps=plan.distill_steps, batch_size=32, lr=1e-3,
+                                                    out=out / "compensator.tocom.safetensors",
+                                                    run_dir=out / "distill.run", num_workers=2,
+                                                    progress=progress))
         distill_note = f"distilled here: {summary['steps']} steps, {summary['wall_s']} s"
 
     print(f"[demo] fine-tuning on {plan.downstream} at source r = 0 ({plan.finetune_epochs} epochs)")
     finetuned = out / "finetuned_r0.safetensors"
-    _, recipe = run_finetune(plan.model_name, plan.downstream, checkpoint=plan.checkpoint, method="full",
-                             r="0", epochs=plan.finetune_epochs, lr=plan.finetune_lr, out=finetuned,
-                             run_dir=out / "finetune.run", num_workers=2, progress=progress)
+    _, recipe = run_finetune(FinetuneConfig(plan.model_name, plan.downstream, checkpoint=plan.checkpoint,
+                                            method="full", r="0", epochs=plan.finetune_epochs,
+                                            lr=plan.finetune_lr, out=finetuned, run_dir=out / "finetune.run",
+                                            num_workers=2, progress=progress))
 
     print(f"[demo] evaluating at r = {list(plan.targets)} with and without the plugin")
     model = patch(load_model(plan.model_name, finetuned))

@@ -83,17 +83,52 @@ class LabelledFiles(Dataset):
         return image, self.labels.get(str(self.files.files[i].relative_to(self.files.root)), 0)
 
 
-def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = None, pretrained: bool = False,
-                method: str = "tome", max_r: int = 16, groups: int | None = None, rank: int = 2,
-                scale: float = 0.1, variant: str = "standard", loss: str = "kd", preset: str = "small",
-                epochs: int | None = None, steps: int | None = None, batch_size: int | None = None,
-                lr: float | None = None, out: str | Path = "compensator.tocom.safetensors",
-                run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
-                checkpoint_every: int = 50, device: str | None = None, seed: int = 0,
-                progress: bool = True, holdout: str | Path | None = None, mode: str = "standard",
-                holdout_pairs: Sequence[tuple[int, int]] | None = None,
-                eval_every: int = 0, decode_once: bool = False) -> tuple[Compensator, dict]:
-    """Distil a plugin and write it to ``out``; returns it and a summary of the run.
+@dataclass
+class DistillConfig:
+    """What :func:`run_distill` trains: the model, the data, the plugin's shape, the recipe and the run.
+
+    ``None`` for ``epochs``, ``batch_size`` or ``lr`` takes the preset's value (``lr`` scaled per
+    512 images where the preset says so); ``steps`` overrides ``epochs``. The command line's
+    ``tocom distill`` flags map one to one onto these fields.
+    """
+
+    model_name: str
+    data: str | Path  # any folder of images; labels only for loss "ce"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    # the plugin
+    method: str = "tome"  # the compression it compensates: "tome" or "evit"
+    mode: str = "standard"  # or "dense" (segmentation: L1 on every token's features)
+    max_r: int = 16
+    groups: int | None = None  # None: max_r groups, one per unit of degree
+    rank: int = 2
+    scale: float = 0.1
+    variant: str = "standard"  # or "shared", "no_inversion" (paper Table 5)
+    loss: str = "kd"  # or "ce", "feat"
+    # the recipe
+    preset: str = "small"
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    # held-out scoring along training
+    holdout: str | Path | None = None
+    holdout_pairs: Sequence[tuple[int, int]] | None = None
+    eval_every: int = 0
+    # the run
+    out: str | Path = "compensator.tocom.safetensors"
+    run_dir: str | Path | None = None  # None: OUT.run
+    resume: bool = False
+    checkpoint_every: int = 50
+    num_workers: int = 2
+    device: str | None = None
+    decode_once: bool = False
+    progress: bool = True
+
+
+def run_distill(config: DistillConfig) -> tuple[Compensator, dict]:
+    """Distil a plugin and write it to ``config.out``; returns it and a summary of the run.
 
     With ``holdout`` (a folder of images not in ``data``), the distillation loss of each
     ``holdout_pairs`` (src, tgt) is measured on it before training (the plugin's delta is zero
@@ -103,58 +138,64 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     decoded training images in memory (see :class:`tocom.data.ImageFiles`), for small folders on a
     fast accelerator.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    batch_size = batch_size or p.batch_size
+    c = config
+    if c.preset not in PRESETS:
+        raise ValueError(f"unknown preset {c.preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[c.preset]
+    batch_size = c.batch_size or p.batch_size
+    lr = c.lr
     if lr is None:
         lr = lr_per_512(p.lr_per_512, batch_size * distributed.world_size()) if p.lr_per_512 else p.lr
-    model = patch(create_model(model_name, checkpoint, pretrained=pretrained).eval(), method, mode=mode)
-    groups = groups or max_r
-    if max_r > groups:
-        raise ValueError(f"--max-r {max_r} needs at least that many groups, got --groups {groups}")
-    torch.manual_seed(seed)  # A's random init: the same seed must give the same plugin
-    plugin = Compensator.init_for(model, groups=groups, rank=rank, scale=scale, method=method,
-                                  variant=variant, arch=model_name, mode=mode)
-    needs_labels = loss == "ce"
-    dataset = LabelledFiles(data, train_transform(p.augment, model_or_cfg=model), decode_once=decode_once,
+    model = patch(create_model(c.model_name, c.checkpoint, pretrained=c.pretrained).eval(), c.method,
+                  mode=c.mode)
+    groups = c.groups or c.max_r
+    if c.max_r > groups:
+        raise ValueError(f"--max-r {c.max_r} needs at least that many groups, got --groups {groups}")
+    torch.manual_seed(c.seed)  # A's random init: the same seed must give the same plugin
+    plugin = Compensator.init_for(model, groups=groups, rank=c.rank, scale=c.scale, method=c.method,
+                                  variant=c.variant, arch=c.model_name, mode=c.mode)
+    needs_labels = c.loss == "ce"
+    dataset = LabelledFiles(c.data, train_transform(p.augment, model_or_cfg=model), decode_once=c.decode_once,
                             require_labels=needs_labels)
+    steps = c.steps
     if steps is None:
-        steps = max(1, (epochs or p.epochs) * (len(dataset) // (batch_size * distributed.world_size())))
-    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=p.weight_decay,
-                         num_workers=num_workers, checkpoint_every=checkpoint_every, seed=seed,
-                         progress=progress, eval_every=eval_every if holdout is not None else 0)
-    objective = DistillObjective(model, plugin, max_r=max_r, loss=loss)
-    run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
+        steps = max(1, (c.epochs or p.epochs) * (len(dataset) // (batch_size * distributed.world_size())))
+    train_config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=p.weight_decay,
+                               num_workers=c.num_workers, checkpoint_every=c.checkpoint_every, seed=c.seed,
+                               progress=c.progress, eval_every=c.eval_every if c.holdout is not None else 0)
+    objective = DistillObjective(model, plugin, max_r=c.max_r, loss=c.loss)
+    run_dir = Path(c.run_dir) if c.run_dir else Path(str(c.out) + ".run")
     hook = None
-    if holdout is not None:
-        half = max_r // 2
-        holdout_pairs = holdout_pairs or ((0, max_r), (max_r, 0), (0, half), (half, max_r))
-        for pair in holdout_pairs:
+    if c.holdout is not None:
+        half = c.max_r // 2
+        pairs = c.holdout_pairs or ((0, c.max_r), (c.max_r, 0), (0, half), (half, c.max_r))
+        for pair in pairs:
             plugin.check_degree(max(pair))
-        held = LabelledFiles(holdout, eval_transform(model), require_labels=needs_labels)
-        hook = holdout_hook(held, holdout_pairs, batch_size)
+        held = LabelledFiles(c.holdout, eval_transform(model), require_labels=needs_labels)
+        hook = holdout_hook(held, pairs, batch_size)
     start = time.time()
     curve = []
     # compression alone, scored before the first step and kept in the run folder for a resume (the
     # plugin is still at its seeded start here, so a folder from before step0.json gets it anew)
     step0 = run_dir / "step0.json"
-    if hook is not None and resume and step0.is_file():
+    if hook is not None and c.resume and step0.is_file():
         curve.append(json.loads(step0.read_text()))
     elif hook is not None:
-        curve.append({"step": 0, **_at_device(hook, objective, device)})
+        curve.append({"step": 0, **_at_device(hook, objective, c.device)})
         if distributed.rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(step0, lambda tmp: Path(tmp).write_text(json.dumps(curve[0])))
-    result = train(objective, dataset, config, out_dir=run_dir, resume=resume, device=device, evaluate=hook)
+    result = train(objective, dataset, train_config, out_dir=run_dir, resume=c.resume, device=c.device,
+                   evaluate=hook)
     # A resumed run's own result lacks the evaluations made before the interruption; the log has them.
-    curve += logged_evals(run_dir) if resume else result.evals
+    curve += logged_evals(run_dir) if c.resume else result.evals
     objective.release()
     summary = {
-        "model": model_name, "data": str(data), "images": len(dataset), "preset": preset, "steps": steps,
-        "batch_size": batch_size, "lr": lr, "weight_decay": p.weight_decay, "augment": p.augment,
-        "loss": "l1_tokens" if mode == "dense" and loss == "kd" else loss, "mode": mode, "max_r": max_r,
-        "seed": seed, "wall_s": round(time.time() - start, 1),
+        "model": c.model_name, "data": str(c.data), "images": len(dataset), "preset": c.preset,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": p.weight_decay,
+        "augment": p.augment,
+        "loss": "l1_tokens" if c.mode == "dense" and c.loss == "kd" else c.loss, "mode": c.mode,
+        "max_r": c.max_r, "seed": c.seed, "wall_s": round(time.time() - start, 1),
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "world_size": distributed.world_size(),
     }
@@ -163,7 +204,7 @@ def run_distill(model_name: str, data: str | Path, *, checkpoint: str | None = N
     plugin.spec.recipe.update(summary)
     plugin = plugin.cpu()
     if distributed.rank() == 0:
-        plugin.save(out)
+        plugin.save(c.out)
     return plugin, summary
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +168,49 @@ def add_method(model: nn.Module, method: str, rank: int = 8, targets: tuple[str,
     return {"rank": rank, "targets": list(targets)}
 
 
-def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path | None = None,
-                  pretrained: bool = False, method: str = "lora", r: str = "0", rank: int = 8,
-                  lora_targets: tuple[str, ...] = ("q", "k", "v"), bottleneck: int = 32,
-                  adapter_scale: float = 0.1, drop_path: float = 0.0, compression: str = "tome"
+@dataclass
+class FinetuneConfig:
+    """What :func:`run_finetune` trains: the model, the data, the method, the schedule, the recipe, the run.
+
+    ``None`` for ``method``, ``r``, ``epochs``, ``batch_size``, ``lr`` or ``val_every`` takes the
+    preset's value. The command line's ``tocom finetune`` flags map one to one onto these fields.
+    """
+
+    model_name: str
+    data: str | Path  # a VTAB-1k folder or ImageFolder splits
+    checkpoint: str | Path | None = None
+    pretrained: bool = False
+    # what trains, under which compression
+    method: str | None = None  # "full", "lora", "adaptformer" or "pyra"
+    compression: str = "tome"  # or "evit" (not with PYRA)
+    r: str | None = None  # any parse_schedule text: "8", "8,8,4", "flops=0.5", "low", "high"
+    rank: int = 8
+    lora_targets: tuple[str, ...] = ("q", "k", "v")
+    bottleneck: int = 32
+    adapter_scale: float = 0.1
+    # the recipe
+    preset: str = "small"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    modulator_lr: float | None = None  # PYRA's W_r and W_D, absolute; None: they train at lr
+    split_train: str = "train"  # or "trainval": train on both, no validation
+    val_every: int | None = None  # epochs
+    seed: int = 0
+    # the run
+    out: str | Path = "finetuned.safetensors"
+    run_dir: str | Path | None = None  # None: OUT.run
+    resume: bool = False
+    num_workers: int = 2
+    device: str | None = None
+    progress: bool = True
+
+
+def prepare_model(config: FinetuneConfig, num_classes: int, *, drop_path: float = 0.0
                   ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model :func:`run_finetune` trains: a ``num_classes`` head, ``compression`` (ToMe merging or
-    EViT pruning) at schedule ``r`` (text), ``method``'s modules, and only what the method trains
-    marked trainable.
+    """The model :func:`run_finetune` trains: a ``num_classes`` head, ``config.compression`` (ToMe
+    merging or EViT pruning) at schedule ``config.r`` (text), ``config.method``'s modules, and only
+    what the method trains marked trainable. ``method`` and ``r`` must be set (not None).
 
     Like every ToMe model, a block asked for more than it can merge is clamped (DeiT at r = 16 merges
     only 10 in its last block); PYRA alone refuses such schedules, since its weights are per pair.
@@ -183,17 +218,19 @@ def prepare_model(model_name: str, num_classes: int, *, checkpoint: str | Path |
     Returns:
         the model and ``{"schedule", "peft", "new_head", "model_kwargs"}`` for the checkpoint metadata.
     """
+    c = config
     extra = {"drop_path_rate": drop_path} if drop_path else {}
-    model, new_head, model_kwargs = load_for_classes(model_name, checkpoint, pretrained, num_classes, **extra)
-    if method == "pyra" and compression != "tome":
+    model, new_head, model_kwargs = load_for_classes(c.model_name, c.checkpoint, c.pretrained, num_classes,
+                                                     **extra)
+    if c.method == "pyra" and c.compression != "tome":
         raise ValueError("PYRA modulates token merging; fine-tune it with compression='tome'")
-    patch(model, compression)
+    patch(model, c.compression)
     dims = dims_of(model)
-    schedule = resolve_schedule(parse_schedule(r, dims), dims.depth)
-    if method == "pyra":
+    schedule = resolve_schedule(parse_schedule(c.r, dims), dims.depth)
+    if c.method == "pyra":
         check_unclamped(schedule, dims.num_tokens, dims.num_prefix)
     model.r = schedule
-    peft = add_method(model, method, rank, tuple(lora_targets), bottleneck, adapter_scale)
+    peft = add_method(model, c.method, c.rank, tuple(c.lora_targets), c.bottleneck, c.adapter_scale)
     return model, {"schedule": schedule, "peft": peft, "new_head": new_head, "model_kwargs": model_kwargs}
 
 
@@ -230,18 +267,9 @@ def check_resumed_lr_scales(objective: nn.Module, config: TrainConfig, ckpt_path
                          "or use a new run dir")
 
 
-def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | None = None,
-                 pretrained: bool = False, method: str | None = None, r: str | None = None,
-                 preset: str = "small", epochs: int | None = None, batch_size: int | None = None,
-                 lr: float | None = None, modulator_lr: float | None = None, rank: int = 8,
-                 lora_targets: tuple[str, ...] = ("q", "k", "v"), bottleneck: int = 32,
-                 adapter_scale: float = 0.1, split_train: str = "train",
-                 val_every: int | None = None, out: str | Path = "finetuned.safetensors",
-                 run_dir: str | Path | None = None, resume: bool = False, num_workers: int = 2,
-                 device: str | None = None, seed: int = 0, progress: bool = True,
-                 stop_after: int | None = None, compression: str = "tome"
+def run_finetune(config: FinetuneConfig, *, stop_after: int | None = None
                  ) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune and write ``out``; returns the (folded) model and the recipe recorded in it.
+    """Fine-tune and write ``config.out``; returns the (folded) model and the recipe recorded in it.
 
     ``r`` is any :func:`tocom.compress.parse_schedule` text (``8``, ``8,8,4``, ``flops=0.5``,
     ``low``/``high``); with PYRA a schedule that would be clamped is refused. ``split_train="trainval"``
@@ -252,68 +280,69 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     follow the same warm-up and cosine schedule. None (default) trains them at ``lr``. Recorded in
     the recipe as given.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    method = method or p.method
+    c = config
+    if c.preset not in PRESETS:
+        raise ValueError(f"unknown preset {c.preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[c.preset]
+    method = c.method or p.method
     if method not in FINETUNE_METHODS:
         choose = f"one of {FINETUNE_METHODS}"
-        raise ValueError(f"preset {preset!r} serves any method: pass method= {choose}"
+        raise ValueError(f"preset {c.preset!r} serves any method: pass method= {choose}"
                          if method is None else f"unknown method {method!r}; choose {choose}")
-    if modulator_lr is not None:
+    if c.modulator_lr is not None:
         if method != "pyra":
             raise ValueError(f"modulator_lr sets the lr of PYRA's modulators; it needs method='pyra', "
                              f"got method={method!r}")
-        if not (math.isfinite(modulator_lr) and modulator_lr > 0):
-            raise ValueError(f"modulator_lr must be a finite number > 0, got {modulator_lr}")
-    if split_train not in ("train", "trainval"):
-        raise ValueError(f"split_train must be 'train' or 'trainval', got {split_train!r}")
-    batch_size = batch_size or p.batch_size
+        if not (math.isfinite(c.modulator_lr) and c.modulator_lr > 0):
+            raise ValueError(f"modulator_lr must be a finite number > 0, got {c.modulator_lr}")
+    if c.split_train not in ("train", "trainval"):
+        raise ValueError(f"split_train must be 'train' or 'trainval', got {c.split_train!r}")
+    batch_size = c.batch_size or p.batch_size
     world = distributed.world_size()
+    lr = c.lr
     if lr is None:
         lr = p.full_lr if method == "full" and p.full_lr else p.lr
         lr = lr_per_512(lr, batch_size * world) if p.lr_per_512 else lr
 
-    torch.manual_seed(seed)  # new head, LoRA A and PYRA W_r: identical in a resumed process
-    train_data = load_dataset(data, split_train)  # its class count sizes the head; transform below
-    text = r if r is not None else p.schedule
-    model, info = prepare_model(model_name, train_data.num_classes, checkpoint=checkpoint,
-                                pretrained=pretrained, method=method, r=text, rank=rank,
-                                lora_targets=lora_targets, bottleneck=bottleneck,
-                                adapter_scale=adapter_scale, drop_path=p.drop_path, compression=compression)
+    torch.manual_seed(c.seed)  # new head, LoRA A and PYRA W_r: identical in a resumed process
+    train_data = load_dataset(c.data, c.split_train)  # its class count sizes the head; transform below
+    text = c.r if c.r is not None else p.schedule
+    model, info = prepare_model(replace(c, method=method, r=text), train_data.num_classes,
+                                drop_path=p.drop_path)
 
     train_data.transform = train_transform(p.augment, model_or_cfg=model)  # the model's size and mean/std
     # Recorded in the checkpoint, so every later evaluation sees what validation saw.
     preprocessing = preprocessing_record("squash" if p.augment in ("none", "squash") else "crop", model)
-    val_data = (load_dataset(data, "val", transform_from_record(preprocessing)) if split_train == "train"
-                else None)
+    val_data = (load_dataset(c.data, "val", transform_from_record(preprocessing))
+                if c.split_train == "train" else None)
     per_epoch = len(train_data) // (batch_size * world)
     if per_epoch == 0:
         raise ValueError(f"{len(train_data)} training images cannot fill one batch of {batch_size} x {world} "
                          "processes; lower --batch-size")
-    epochs = epochs or p.epochs
+    epochs = c.epochs or p.epochs
     steps = epochs * per_epoch
-    val_every = val_every or max(1, epochs // 10)
-    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=p.weight_decay,
-                         warmup_steps=min(steps, p.warmup_epochs * per_epoch), num_workers=num_workers,
-                         checkpoint_every=per_epoch, eval_every=val_every * per_epoch if val_data else 0,
-                         seed=seed, progress=progress)
-    hook = accuracy_hook(val_data, batch_size, num_workers) if val_data is not None else None
-    objective = ClassifyObjective(model, p.label_smoothing,
-                                  None if modulator_lr is None else modulator_lr / lr)
-    run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
-    if resume:
-        check_resumed_lr_scales(objective, config, run_dir / "last.ckpt")
+    val_every = c.val_every or max(1, epochs // 10)
+    train_config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=p.weight_decay,
+                               warmup_steps=min(steps, p.warmup_epochs * per_epoch),
+                               num_workers=c.num_workers, checkpoint_every=per_epoch,
+                               eval_every=val_every * per_epoch if val_data else 0, seed=c.seed,
+                               progress=c.progress)
+    hook = accuracy_hook(val_data, batch_size, c.num_workers) if val_data is not None else None
+    modulator_scale = None if c.modulator_lr is None else c.modulator_lr / lr
+    objective = ClassifyObjective(model, p.label_smoothing, modulator_scale)
+    run_dir = Path(c.run_dir) if c.run_dir else Path(str(c.out) + ".run")
+    if c.resume:
+        check_resumed_lr_scales(objective, train_config, run_dir / "last.ckpt")
     start = time.time()
-    result = train(objective, train_data, config, out_dir=run_dir, resume=resume, evaluate=hook,
-                   device=device, stop_after=stop_after)
+    result = train(objective, train_data, train_config, out_dir=run_dir, resume=c.resume, evaluate=hook,
+                   device=c.device, stop_after=stop_after)
     # after a resume, the log also holds the validations made before the interruption
-    evals = logged_evals(run_dir) if resume else result.evals
+    evals = logged_evals(run_dir) if c.resume else result.evals
     recipe = {
-        "preset": preset, "method": method, "data": str(data), "split_train": split_train,
+        "preset": c.preset, "method": method, "data": str(c.data), "split_train": c.split_train,
         "images": len(train_data), "classes": train_data.num_classes, "new_head": info["new_head"],
-        "schedule_text": text, "epochs": epochs, **{k: getattr(config, k) for k in RECIPE_FIELDS},
-        "modulator_lr": modulator_lr,  # None: the modulators trained at lr
+        "schedule_text": text, "epochs": epochs, **{k: getattr(train_config, k) for k in RECIPE_FIELDS},
+        "modulator_lr": c.modulator_lr,  # None: the modulators trained at lr
         "augment": p.augment, "label_smoothing": p.label_smoothing, "drop_path": p.drop_path,
         "world_size": world, "wall_s": round(time.time() - start, 1), "steps_done": result.step,
         "val_acc": evals[-1]["val_acc"] if evals else None,
@@ -321,6 +350,6 @@ def run_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | 
     }
     model = fold(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
     if distributed.rank() == 0 and result.step == steps:
-        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing, compression)
-        save_model(model, out, model_name, info["model_kwargs"], meta)
+        meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing, c.compression)
+        save_model(model, c.out, c.model_name, info["model_kwargs"], meta)
     return model, recipe

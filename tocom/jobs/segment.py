@@ -93,53 +93,79 @@ def miou_hook(data, batch_size: int):
     return evaluate
 
 
-def run_segment_finetune(model_name: str, data: str | Path, *, checkpoint: str | Path | None = None,
-                         pretrained: bool = False, method: str = "full", r: str = "0", mode: str = "dense",
-                         epochs: int = 10, batch_size: int = 16, lr: float = 1e-4,
-                         decoder_lr_scale: float = 10.0, weight_decay: float = 0.01, rank: int = 8,
-                         out: str | Path = "segmenter.safetensors", run_dir: str | Path | None = None,
-                         resume: bool = False, num_workers: int = 2, device: str | None = None,
-                         seed: int = 0, progress: bool = True, val_every: int | None = None
-                         ) -> tuple[Segmenter, dict[str, Any]]:
-    """Fine-tune a Segmenter on the ``train`` split of ``data`` (validating mIoU on ``val`` when it
-    exists) at schedule ``r`` in ``mode``; write ``out`` and return the model and its recipe."""
-    if method not in SEG_METHODS:
-        raise ValueError(f"segmentation fine-tunes with method {' or '.join(SEG_METHODS)}, got {method!r}")
-    torch.manual_seed(seed)  # decoder and LoRA init: identical in a resumed process
-    backbone, model_kwargs = segmentation_backbone(model_name, checkpoint, pretrained)
-    backbone = patch_for_segmentation(backbone, mode)
+@dataclass
+class SegmentConfig:
+    """What :func:`run_segment_finetune` trains: backbone, data, method, schedule, mode, recipe and run.
+
+    The command line's ``tocom finetune --task segmentation`` flags map onto these fields.
+    """
+
+    model_name: str
+    data: str | Path  # an ADE20k-layout folder
+    checkpoint: str | Path | None = None
+    pretrained: bool = False
+    method: str = "full"  # or "lora"
+    r: str = "0"  # any parse_schedule text
+    mode: str = "dense"  # or "standard" (merged tokens are unmerged before the decoder)
+    rank: int = 8
+    # the recipe
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-4
+    decoder_lr_scale: float = 10.0
+    weight_decay: float = 0.01
+    val_every: int | None = None  # epochs; None: a fifth of them
+    seed: int = 0
+    # the run
+    out: str | Path = "segmenter.safetensors"
+    run_dir: str | Path | None = None  # None: OUT.run
+    resume: bool = False
+    num_workers: int = 2
+    device: str | None = None
+    progress: bool = True
+
+
+def run_segment_finetune(config: SegmentConfig) -> tuple[Segmenter, dict[str, Any]]:
+    """Fine-tune a Segmenter on the ``train`` split of ``config.data`` (validating mIoU on ``val`` when
+    it exists) at schedule ``r`` in ``mode``; write ``out`` and return the model and its recipe."""
+    c = config
+    if c.method not in SEG_METHODS:
+        raise ValueError(f"segmentation fine-tunes with method {' or '.join(SEG_METHODS)}, got {c.method!r}")
+    torch.manual_seed(c.seed)  # decoder and LoRA init: identical in a resumed process
+    backbone, model_kwargs = segmentation_backbone(c.model_name, c.checkpoint, c.pretrained)
+    backbone = patch_for_segmentation(backbone, c.mode)
     cfg = data_config(backbone)
     size = int(cfg["input_size"][-1])
     transform = SegmentationTransform(size, train=True, mean=cfg["mean"], std=cfg["std"])
-    train_data = SegmentationFolder(data, "train", transform)
-    schedule = resolve_schedule(parse_schedule(r, dims_of(backbone)), len(backbone.blocks))
+    train_data = SegmentationFolder(c.data, "train", transform)
+    schedule = resolve_schedule(parse_schedule(c.r, dims_of(backbone)), len(backbone.blocks))
     backbone.r = schedule
     model = Segmenter(backbone, train_data.num_classes)
-    peft = add_method(backbone, method, rank=rank)
+    peft = add_method(backbone, c.method, rank=c.rank)
     model.decoder.requires_grad_(True)
     val_transform = SegmentationTransform(size, mean=cfg["mean"], std=cfg["std"])
-    has_val = (Path(data) / "images" / "validation").is_dir()
-    val_data = SegmentationFolder(data, "val", val_transform) if has_val else None
+    has_val = (Path(c.data) / "images" / "validation").is_dir()
+    val_data = SegmentationFolder(c.data, "val", val_transform) if has_val else None
     world = distributed.world_size()
-    per_epoch = len(train_data) // (batch_size * world)
+    per_epoch = len(train_data) // (c.batch_size * world)
     if per_epoch == 0:
-        raise ValueError(f"{len(train_data)} training images cannot fill one batch of {batch_size} x {world} "
-                         "processes; lower --batch-size")
-    steps = epochs * per_epoch
-    val_every = val_every or max(1, epochs // 5)
-    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                         warmup_steps=min(steps, per_epoch), num_workers=num_workers,
-                         checkpoint_every=per_epoch, eval_every=val_every * per_epoch if has_val else 0,
-                         seed=seed, progress=progress)
-    hook = miou_hook(val_data, batch_size) if val_data is not None else None
-    run_dir = Path(run_dir) if run_dir else Path(str(out) + ".run")
+        raise ValueError(f"{len(train_data)} training images cannot fill one batch of {c.batch_size} x "
+                         f"{world} processes; lower --batch-size")
+    steps = c.epochs * per_epoch
+    val_every = c.val_every or max(1, c.epochs // 5)
+    train_config = TrainConfig(steps=steps, lr=c.lr, batch_size=c.batch_size, weight_decay=c.weight_decay,
+                               warmup_steps=min(steps, per_epoch), num_workers=c.num_workers,
+                               checkpoint_every=per_epoch, seed=c.seed, progress=c.progress,
+                               eval_every=val_every * per_epoch if has_val else 0)
+    hook = miou_hook(val_data, c.batch_size) if val_data is not None else None
+    run_dir = Path(c.run_dir) if c.run_dir else Path(str(c.out) + ".run")
     start = time.time()
-    result = train(_Objective(model, decoder_lr_scale, weight_decay), train_data, config, out_dir=run_dir,
-                   resume=resume, evaluate=hook, device=device, stop_after=None)
-    recipe = {"task": "segmentation", "method": method, "data": str(data), "images": len(train_data),
-              "classes": train_data.num_classes, "schedule_text": r, "mode": mode, "epochs": epochs,
-              "steps": steps, "lr": lr, "decoder_lr_scale": decoder_lr_scale, "batch_size": batch_size,
-              "weight_decay": weight_decay, "seed": seed, "world_size": world,
+    result = train(_Objective(model, c.decoder_lr_scale, c.weight_decay), train_data, train_config,
+                   out_dir=run_dir, resume=c.resume, evaluate=hook, device=c.device, stop_after=None)
+    recipe = {"task": "segmentation", "method": c.method, "data": str(c.data), "images": len(train_data),
+              "classes": train_data.num_classes, "schedule_text": c.r, "mode": c.mode, "epochs": c.epochs,
+              "steps": steps, "lr": c.lr, "decoder_lr_scale": c.decoder_lr_scale, "batch_size": c.batch_size,
+              "weight_decay": c.weight_decay, "seed": c.seed, "world_size": world,
               "wall_s": round(time.time() - start, 1),
               "val_miou": result.evals[-1]["val_miou"] if result.evals else None,
               "curve": [[e["step"], e["val_miou"]] for e in result.evals]}
@@ -147,8 +173,8 @@ def run_segment_finetune(model_name: str, data: str | Path, *, checkpoint: str |
     model = model.cpu().eval()
     if distributed.rank() == 0:
         constant = schedule[0] if len(set(schedule)) == 1 else None
-        save_segmenter(model, out, model_name, model_kwargs, metadata={
-            "method": method, "schedule": schedule, "source_degree": constant, "mode": mode, "peft": peft,
+        save_segmenter(model, c.out, c.model_name, model_kwargs, metadata={
+            "method": c.method, "schedule": schedule, "source_degree": constant, "mode": c.mode, "peft": peft,
             "classes": train_data.classes, "preprocessing": val_transform.record(), "recipe": recipe})
     return model, recipe
 
