@@ -16,9 +16,9 @@ The deltas go in through forward hooks on the Linear modules, so the compressed 
 the library's, unchanged. This is a research probe, not a plugin format: a result here decides
 whether the format should grow beyond q and v.
 
-Needs ``tocom experiment all --stage data`` (the split of the ImageNet sample) and the DeiT-Tiny
-weights in ``../shared``. Each configuration writes ``OUT/proj-NAME.json`` and is skipped when that
-exists; a killed run resumes from its checkpoint.
+Needs ``tocom experiment all --stage data --shared ../shared`` (the split of the ImageNet sample)
+and the DeiT-Tiny weights in ``../shared``. Each configuration writes ``OUT/proj-NAME.json`` and
+is skipped when that exists; a killed run resumes from its checkpoint.
 
 Usage: python research/distill_projections.py [--only qv,all] [--out runs/causes]
 (about 13-16 minutes per configuration on 2 cores).
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}")
     for path in (DATA / "train", DATA / "holdout", WEIGHTS):
         if not path.exists():
-            p.error(f"{path} is missing: run `tocom experiment all --stage data` and check ../shared")
+            p.error(f"{path} is missing: run `tocom experiment all --stage data --shared ../shared` and "
+                    "check ../shared")
     torch.set_num_threads(2)
     gap = check_matches_plugin()
     if gap > 1e-5:

@@ -16,7 +16,9 @@ from tocom.data import shared_dir, write_vtab
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The tests run from the repo root (as CI does), so the library's own lookup finds ../shared.
+# The library finds the shared folder only through TOCOM_SHARED; the tests default it to
+# ../shared beside the repo (as laid out on CI machines), so library calls made in tests see it.
+os.environ.setdefault("TOCOM_SHARED", str(Path(__file__).resolve().parents[1].parent / "shared"))
 SHARED = shared_dir()
 
 

@@ -169,3 +169,15 @@ def test_no_job_function_takes_more_than_ten_parameters():
                 if count > 10:
                     long.append(f"jobs/{path.name}: {node.name} takes {count}")
     assert not long, "\n".join(long)
+
+
+def test_no_library_module_reads_the_current_directory_or_the_repo_layout():
+    """Library code takes paths as arguments or from documented environment variables only.
+
+    (Defaults of output paths, such as ``out="demo-out"``, are arguments and are allowed.)"""
+    implicit = re.compile(r"Path\.cwd\(|os\.getcwd\(|[\"']\.\./shared|Path\([\"'](plugins|docs|runs)\b")
+    found = [f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+             for path in sorted(ROOT.rglob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1)
+             if implicit.search(line) and not line.lstrip().startswith("#")]
+    assert not found, "\n".join(found)

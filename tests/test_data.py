@@ -79,3 +79,17 @@ def test_unrecognised_folder_says_what_was_expected(tmp_path):
         load_dataset(tmp_path, "train")
     with pytest.raises(FileNotFoundError, match="not found"):
         detect_format(tmp_path / "missing")
+
+
+def test_shared_folder_is_never_guessed_from_the_current_directory(tmp_path, monkeypatch):
+    from tocom.data import shared_dir
+
+    (tmp_path / "shared" / "weights").mkdir(parents=True)  # a ../shared beside the working directory
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.delenv("TOCOM_SHARED", raising=False)
+    assert shared_dir() is None
+    assert shared_dir("../shared") == (tmp_path / "shared").resolve()  # explicit: relative to the cwd
+    monkeypatch.setenv("TOCOM_SHARED", str(tmp_path / "elsewhere"))
+    assert shared_dir() == (tmp_path / "elsewhere").resolve()
+    assert shared_dir(tmp_path / "shared") == (tmp_path / "shared").resolve()  # the argument wins

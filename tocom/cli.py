@@ -173,7 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from tocom.jobs.demo import run_demo
 
-    run_demo(args.out, checkpoint=args.checkpoint, plugin_file=args.plugin, quick=args.quick)
+    run_demo(args.out, checkpoint=args.checkpoint, plugin_file=args.plugin, quick=args.quick,
+             shared=args.shared)
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -184,14 +185,16 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
         path = run_evidence(args.work or "runs/evidence", args.out, args.protocol,
                             tuple(args.stage) if args.stage else STAGES, args.device, args.workers,
-                            shard=args.shard)
+                            shard=args.shard, shared=args.shared)
         if path is not None:
             print(f"wrote {path}")
         return
     if "all" in args.name:
         raise ValueError("'all' runs the evidence stages on its own; pass it alone")
     for name in args.name:
-        print(f"wrote {run_experiment(name, args.out, args.budget, args.work or 'runs/experiments')}")
+        path = run_experiment(name, args.out, args.budget, args.work or "runs/experiments",
+                              shared=args.shared, plugin=args.plugin)
+        print(f"wrote {path}")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -335,13 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="distil a plugin, fine-tune at r=0, compare degrees with/without it")
-    p.add_argument("--checkpoint", help="DeiT-Tiny weights (default: ../shared or $TOCOM_SHARED)")
+    p.add_argument("--checkpoint", help="DeiT-Tiny weights (default: the shared folder's)")
+    p.add_argument("--shared", help="folder of the real weights and data, as ../shared is laid out "
+                                    "(default: $TOCOM_SHARED; without one, generated tasks)")
     p.add_argument("--plugin", help="use this compensator instead of distilling one")
     p.add_argument("--out", default="demo-out", help="folder for results.json, accuracy.png, models")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, not a result)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("experiment", help="run the papers' experiments in miniature (needs ../shared)")
+    p = sub.add_parser("experiment", help="run the papers' experiments in miniature (needs --shared)")
     p.add_argument("name", nargs="+",
                    choices=["all", "mismatch", "gap", "gains", "ablations", "evit", "pyra", "segmentation"],
                    help="all: the evidence run (plugins, finetune, predict, analyze), resumable by stage")
@@ -356,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for all: this process runs every N-th unit from the I-th (0-based); start N "
                         "processes, then analyze alone")
     p.add_argument("--out", default="docs/results", help="where results files go")
+    p.add_argument("--shared", help="folder of the real weights and data, laid out as ../shared "
+                                    "(default: $TOCOM_SHARED)")
+    p.add_argument("--plugin", default="plugins/deit_tiny_patch16_224.tocom.safetensors",
+                   help="the plugin for the default settings (distilled at the budget if absent)")
     p.add_argument("--work", help="cache of models, plugins and evaluations "
                                   "(default: runs/experiments, runs/evidence for all)")
     p.set_defaults(func=cmd_experiment)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+ENV = "TOCOM_SHARED"
 
-def shared_dir() -> Path:
-    """``$TOCOM_SHARED``, else ``../shared`` beside the current directory (the repo layout).
 
-    The folder may be absent: callers that need it check for the files they use and say so.
+def shared_dir(explicit: str | Path | None = None) -> Path | None:
+    """``explicit`` if given, else ``$TOCOM_SHARED``, else None: the library never guesses a folder
+    from the current directory.
+
+    The folder may be absent even when named: callers that need it check for the files they use
+    and say so.
     """
-    return Path(os.environ.get("TOCOM_SHARED", Path.cwd().parent / "shared")).resolve()
+    chosen = explicit if explicit is not None else os.environ.get(ENV) or None
+    return Path(chosen).expanduser().resolve() if chosen is not None else None

@@ -43,14 +43,19 @@ BUDGETS = {"small": Budget(), "smoke": Budget(finetune_epochs=1, eval_images=40,
 class Lab:
     """Paths, caches and the few operations every experiment needs."""
 
-    def __init__(self, work: str | Path = "runs/experiments", budget: str = "small", progress: bool = True):
-        self.shared = shared_dir()
+    def __init__(self, work: str | Path = "runs/experiments", budget: str = "small", progress: bool = True,
+                 shared: str | Path | None = None, plugin: str | Path | None = None):
+        """``shared``: the real weights and data (default ``$TOCOM_SHARED``); ``plugin``: the plugin to
+        use for the default distillation settings, else one is distilled at the budget."""
+        self.shared = shared_dir(shared)
+        if self.shared is None:
+            raise FileNotFoundError("the experiments need the real DeiT-Tiny weights and data: pass "
+                                    "--shared DIR (laid out as ../shared) or set TOCOM_SHARED")
         self.weights = self.shared / "weights" / f"{MODEL}.safetensors"
         if not self.weights.is_file():
-            raise FileNotFoundError(
-                f"the experiments need the real DeiT-Tiny weights and data of ../shared; {self.weights} "
-                "is missing (set TOCOM_SHARED)"
-            )
+            raise FileNotFoundError(f"the experiments need the real DeiT-Tiny weights; {self.weights} is "
+                                    "missing (pass --shared DIR or set TOCOM_SHARED)")
+        self.shipped_plugin = Path(plugin) if plugin is not None else None
         self.work = Path(work)
         self.budget = BUDGETS[budget]
         self.budget_name = budget
@@ -87,8 +92,8 @@ class Lab:
         tag = str(source).replace(",", "-")
         out = self.work / "models" / self.budget_name / f"{task}_{method}_r{tag}.safetensors"
         if not out.is_file():
-            run_finetune(
-                FinetuneConfig(MODEL,
+            run_finetune(FinetuneConfig(
+                MODEL,
                 self.task_dir(task),
                 checkpoint=self.weights,
                 method=method,
@@ -97,16 +102,17 @@ class Lab:
                 out=out,
                 run_dir=str(out) + ".run",
                 resume=(Path(str(out) + ".run") / "last.ckpt").is_file(),
-                progress=self.progress),
-            )
+                progress=self.progress,
+            ))
         return out
 
     def plugin(
         self, variant: str = "standard", loss: str = "kd", method: str = "tome", steps: int | None = None
     ) -> Path:
-        """The shipped plugin for the default settings, else a plugin distilled with the ablation budget."""
-        shipped = Path("plugins") / f"{MODEL}.tocom.safetensors"
-        if (variant, loss, method, steps) == ("standard", "kd", "tome", None) and shipped.is_file():
+        """The given plugin for the default settings, else a plugin distilled with the ablation budget."""
+        shipped = self.shipped_plugin
+        default = (variant, loss, method, steps) == ("standard", "kd", "tome", None)
+        if default and shipped is not None and shipped.is_file():
             return shipped
         steps = steps or self.budget.ablation_steps
         out = (
@@ -114,8 +120,8 @@ class Lab:
         )
         if not out.is_file():
             run_dir = Path(str(out) + ".run")
-            run_distill(
-                DistillConfig(MODEL,
+            run_distill(DistillConfig(
+                MODEL,
                 self.pretraining_images,
                 checkpoint=self.weights,
                 method=method,
@@ -127,8 +133,8 @@ class Lab:
                 out=out,
                 run_dir=run_dir,
                 resume=(run_dir / "last.ckpt").is_file(),
-                progress=self.progress),
-            )
+                progress=self.progress,
+            ))
         return out
 
     # ----- evaluation ---------------------------------------------------------------------

@@ -135,21 +135,26 @@ class Evidence:
 
     def __init__(self, work: str | Path = "runs/evidence", protocol: str = "paper-mini",
                  device: str | None = None, num_workers: int = 0, progress: bool = True,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), shared: str | Path | None = None,
+                 results: str | Path | None = None):
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
         if not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
         self.name, self.p = protocol, PROTOCOLS[protocol]
-        self.shared = shared_dir()
+        self.shared = shared_dir(shared)
+        if self.shared is None:
+            raise FileNotFoundError("the evidence run needs the real DeiT-Tiny weights and data: pass "
+                                    "--shared DIR (laid out as ../shared) or set TOCOM_SHARED")
         self.weights = self.shared / "weights" / f"{MODEL}.safetensors"
         if not self.weights.is_file():
-            raise FileNotFoundError(f"the evidence run needs the real DeiT-Tiny weights of ../shared; "
-                                    f"{self.weights} is missing (set TOCOM_SHARED)")
+            raise FileNotFoundError(f"the evidence run needs the real DeiT-Tiny weights; {self.weights} "
+                                    "is missing (pass --shared DIR or set TOCOM_SHARED)")
         self.work = Path(work) / protocol
         self.device, self.num_workers, self.progress = device, num_workers, progress
         self.shard = shard
-        self.results = Path("docs/results")  # where a stage that analyses its own units writes
+        # where a stage that analyses its own units writes (None: such a stage is refused)
+        self.results = Path(results) if results is not None else None
         self._digests: dict[str, str] = {}
         # Decoded, preprocessed evaluation images per (task, split): every model of a task reads the
         # same images with the same preprocessing, so the predict stage decodes each split once.
@@ -376,6 +381,8 @@ class Evidence:
                            "tf32": torch.backends.cuda.matmul.allow_tf32}})
 
     def run_adapt(self) -> None:
+        if self.results is None:
+            raise ValueError("the adapt stage writes its analysis: give Evidence a results folder")
         adaptation.run_stage(self)
         adaptation.analyze(self, self.results)
 
@@ -453,7 +460,8 @@ def _row(row: EvalRow) -> dict:
 
 def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/results",
                  protocol: str = "paper-mini", stages: tuple[str, ...] = STAGES, device: str | None = None,
-                 num_workers: int = 0, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> Path | None:
+                 num_workers: int = 0, progress: bool = True, shard: tuple[int, int] = (0, 1),
+                 shared: str | Path | None = None) -> Path | None:
     """Run ``stages`` in order (each resumes its finished units); returns the results file when
     ``analyze`` ran.
 
@@ -467,8 +475,7 @@ def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/res
         raise ValueError("analyze reads every shard's units: run it alone, after the shards finish")
     if (device or _default_device()).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ev = Evidence(work, protocol, device, num_workers, progress, shard)
-    ev.results = Path(out)
+    ev = Evidence(work, protocol, device, num_workers, progress, shard, shared=shared, results=out)
     together = {"finetune", "predict"} <= set(stages)
     for stage in STAGES:
         if stage not in stages or (together and stage == "predict"):

@@ -160,12 +160,14 @@ def run_experiment(
     budget: str = "small",
     work: str | Path = "runs/experiments",
     progress: bool = True,
+    shared: str | Path | None = None,
+    plugin: str | Path | None = None,
 ) -> Path:
     """Run one experiment (resuming from the cache) and write its results file."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     started = time.time()
-    lab = Lab(work, budget, progress)
+    lab = Lab(work, budget, progress, shared=shared, plugin=plugin)
     out = Path(out)
     results = EXPERIMENTS[name](lab, out)
     return write_results(name, {"budget": budget, **results}, out, started)

@@ -1,7 +1,8 @@
 """``tocom demo``: the whole story in one offline command, in minutes on a CPU.
 
-1. A backbone: the real DeiT-Tiny when ``--checkpoint`` is given or ``../shared`` holds its
-   weights; otherwise a small ViT the demo pre-trains itself on generated structured tasks.
+1. A backbone: the real DeiT-Tiny when ``--checkpoint`` is given or the shared folder
+   (``--shared``, ``$TOCOM_SHARED``) holds its weights; otherwise a small ViT the demo pre-trains
+   itself on generated structured tasks.
 2. A compensator distilled for it on "pre-training" images (the ImageNet sample, or generated).
 3. A downstream model fine-tuned at source degree 0 (CIFAR-10 in VTAB-1k format, or a
    generated task the backbone never saw).
@@ -90,15 +91,21 @@ def pretrain_small_vit(out: Path, steps: int = 400, progress: bool = True) -> Pa
                       {"recipe": json.dumps({"pretrain_tasks": PRETRAIN_TASKS, "steps": steps})})
 
 
-def plan_demo(out: Path, checkpoint: str | None, quick: bool, progress: bool) -> DemoPlan:
-    """Real weights and data when available, generated ones otherwise."""
-    shared = shared_dir()
-    weights = Path(checkpoint) if checkpoint else shared / "weights" / f"{DEIT}.safetensors"
-    if weights.is_file() and (shared / "data").is_dir():
-        return DemoPlan(DEIT, weights, shared / "data/imagenet-sample", shared / "data/vtab-1k/cifar10",
+def plan_demo(out: Path, checkpoint: str | None, quick: bool, progress: bool,
+              shared: str | Path | None = None) -> DemoPlan:
+    """Real weights and data when the shared folder (``shared``, else ``$TOCOM_SHARED``) holds them,
+    generated ones otherwise."""
+    folder = shared_dir(shared)
+    weights = Path(checkpoint) if checkpoint else None
+    if weights is None and folder is not None:
+        weights = folder / "weights" / f"{DEIT}.safetensors"
+    if weights is not None and weights.is_file() and folder is not None and (folder / "data").is_dir():
+        return DemoPlan(DEIT, weights, folder / "data/imagenet-sample", folder / "data/vtab-1k/cifar10",
                         max_r=16, targets=(0, 4, 8, 12, 16), distill_steps=20 if quick else 120,
                         finetune_epochs=1 if quick else 4, eval_images=100 if quick else 500, real=True)
-    print(f"(no DeiT-Tiny weights at {weights}: pre-training a small ViT on generated tasks instead)")
+    missing = ("no shared folder (pass --shared DIR or set TOCOM_SHARED)" if folder is None
+               else f"no DeiT-Tiny weights and data under {folder}")
+    print(f"({missing}: pre-training a small ViT on generated tasks instead)")
     backbone = pretrain_small_vit(out, steps=60 if quick else 400, progress=progress)
     images = out / "pretrain-images"  # unlabelled images of the pre-training distribution
     if not images.is_dir():
@@ -115,12 +122,13 @@ def plan_demo(out: Path, checkpoint: str | None, quick: bool, progress: bool) ->
 
 
 def run_demo(out: str | Path = "demo-out", checkpoint: str | None = None, plugin_file: str | None = None,
-             quick: bool = False, progress: bool = True) -> list[dict]:
-    """Run the four steps; returns the result rows (also written to ``out/results.json``)."""
+             quick: bool = False, progress: bool = True, shared: str | Path | None = None) -> list[dict]:
+    """Run the four steps; returns the result rows (also written to ``out/results.json``). ``shared``
+    is the folder of the real weights and data (default ``$TOCOM_SHARED``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    plan = plan_demo(out, checkpoint, quick, progress)
+    plan = plan_demo(out, checkpoint, quick, progress, shared)
     print(f"[demo] backbone {plan.model_name} ({'real weights' if plan.real else 'pre-trained here'})")
 
     if plugin_file:

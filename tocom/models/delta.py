@@ -79,11 +79,14 @@ def delta_tensors(state: dict[str, torch.Tensor], meta: dict[str, str], base_sta
 
 def find_base(path: str | Path, meta: dict[str, str]) -> Path:
     """The base file of the delta at ``path``: its recorded path, else its name beside the delta,
-    else its name under the shared folder's ``weights/`` (:func:`tocom.data.shared_dir`)."""
+    else, when ``$TOCOM_SHARED`` is set, its name under that folder's ``weights/``."""
     from tocom.data import shared_dir
 
     recorded = Path(meta[BASE])
-    candidates = [recorded, Path(path).parent / recorded.name, shared_dir() / "weights" / recorded.name]
+    candidates = [recorded, Path(path).parent / recorded.name]
+    shared = shared_dir()
+    if shared is not None:
+        candidates.append(shared / "weights" / recorded.name)
     for candidate in candidates:
         if candidate.is_file() and sha256_file(candidate) == meta[BASE_SHA]:
             return candidate
