@@ -43,7 +43,9 @@ def record(source: int, accuracy: dict, n: int = 300) -> dict:
                for t in TARGETS if t != source]
     return {"task": "count", "source": source, "seed": 0, "selected": {str(t): 0.1 for t in TARGETS},
             "test": test, "adapted_test": adapted, "curve": [],
-            "adapted_record": {"wall_s": 240.0, "picked_step": 50}, "ran_on": {"device": "cpu"}}
+            "adapted_record": {"wall_s": 240.0, "picked_step": 50}, "model": f"count_r{source}.safetensors",
+            "model_sha256": "ab" * 32, "adapted": f"count_r{source}.adapted.tocom.safetensors",
+            "ran_on": {"commit": "c0ffee", "device": "cpu"}}
 
 
 def test_analyze_reports_the_declared_endpoints(tmp_path, monkeypatch):
@@ -66,6 +68,9 @@ def test_analyze_reports_the_declared_endpoints(tmp_path, monkeypatch):
     assert result["endpoints"]["A3 0->16"]["difference"] == pytest.approx(.82 - .75)
     assert result["endpoints"]["A3 16->0"]["difference"] == pytest.approx(.88 - .83)
     assert len(result["pairs"]) == 4 and result["minutes"][0]["minutes"] == pytest.approx(4.0)
+    # the analysis' own provenance, and each unit's run as its record states it
+    assert {"commit", "versions", "device"} <= set(result["provenance"])
+    assert [(u["source"], u["ran_on"]["commit"]) for u in result["units"]] == [(0, "c0ffee"), (16, "c0ffee")]
     page = (tmp_path / "out" / "adapt.md").read_text()
     assert "A1: fraction of the gap closed | 0->16 | **0.75**" in page
 
