@@ -23,6 +23,7 @@ import tocom
 from tocom.data import load_dataset
 from tocom.finetuned import eval_transform_for, load_model
 from tocom.jobs.evaluate import make_loader, select_scales, sweep
+from tocom.report.provenance import provenance
 from tocom.report.stats import PairedDifference, paired_difference
 
 
@@ -89,7 +90,8 @@ def main() -> None:
     for name, (gain, versus) in table(none, right, {n: f"{r['scale']:g}" for n, r in rows.items()}).items():
         rows[name].update(gain=gain.as_dict(), versus_first=versus and versus.as_dict())
     if args.out:
-        Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "source": args.source,
+        Path(args.out).write_text(json.dumps({"provenance": provenance(), "checkpoint": args.checkpoint,
+                                              "source": args.source,
                                               "target": args.target, "labels": labels.tolist(),
                                               "without": base.predictions, "plugins": rows}))
 

@@ -106,3 +106,16 @@ def test_gap_control_is_a_seeded_direction_of_equal_norm():
     cosine = torch.nn.functional.cosine_similarity(a.flatten(), delta.flatten(), dim=0)
     assert abs(cosine.item()) < 0.1  # random in 2048 dimensions: nearly orthogonal to the gap
     assert torch.equal(_random_like(torch.zeros(3), torch.Generator()), torch.zeros(3))
+
+
+def test_experiment_results_record_their_provenance(tmp_path):
+    import json
+    import time
+
+    from tocom.experiments.common import write_results
+
+    rows = [{"from": "a", "to": "b", "M0_at_16": 0.5, "M0_plus_gap_at_16": 0.6, "gain": 0.1}]
+    path = write_results("gap", {"budget": "smoke", "rows": rows}, tmp_path, time.time())
+    written = json.loads(path.read_text())
+    assert {"commit", "dirty", "versions", "device"} <= set(written["provenance"])
+    assert written["rows"] == rows and path.with_suffix(".md").is_file()

@@ -22,6 +22,7 @@ from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, sweep, sweep_at_selected_scales
 from tocom.jobs.finetune import FinetuneConfig, run_finetune
 from tocom.models import patch
+from tocom.report.provenance import provenance
 
 MODEL = "deit_tiny_patch16_224"
 GENERATED = ("count", "orientation")
@@ -228,7 +229,8 @@ def write_results(name: str, results: dict, out_dir: str | Path, started: float)
 
     out = Path(out_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"experiment": name, "wall_s": round(time.time() - started, 1), **results}
+    results = {"experiment": name, "wall_s": round(time.time() - started, 1), "provenance": provenance(),
+               **results}
     atomic_write_text(out, json.dumps(results, indent=2))
     atomic_write_text(out.with_suffix(".md"), render(name, results))
     return out
