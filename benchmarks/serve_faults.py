@@ -120,18 +120,20 @@ def get(url: str, timeout: float = 5.0) -> int:
         return 0
 
 
-async def post(session, url: str, body: bytes, deadline_s: float) -> tuple[int, float]:
+async def post(session, url: str, body: bytes, deadline_s: float) -> tuple[int, float, str | None]:
+    """Status (-1: no answer within the deadline, 0: connection failed), seconds waited, and the
+    Ray node that answered (the replica's ``x-tocom-node`` header)."""
     import aiohttp
 
     start = time.perf_counter()
     try:
         async with session.post(url, data=body, timeout=aiohttp.ClientTimeout(total=deadline_s)) as response:
             await response.read()
-            return response.status, time.perf_counter() - start
+            return response.status, time.perf_counter() - start, response.headers.get("x-tocom-node")
     except asyncio.TimeoutError:
-        return -1, time.perf_counter() - start  # no answer within the deadline
+        return -1, time.perf_counter() - start, None
     except aiohttp.ClientError:
-        return 0, time.perf_counter() - start  # connection refused or dropped
+        return 0, time.perf_counter() - start, None
 
 
 async def capacity(url: str, bodies: list[bytes], seconds: float = 8.0, clients: int = 8) -> float:
@@ -143,7 +145,7 @@ async def capacity(url: str, bodies: list[bytes], seconds: float = 8.0, clients:
         nonlocal done
         k = i
         while time.perf_counter() < stop:
-            status, _ = await post(session, url, bodies[k % len(bodies)], 30.0)
+            status, _, _ = await post(session, url, bodies[k % len(bodies)], 30.0)
             done += status == 200
             k += clients
             if status == 503:
@@ -155,9 +157,17 @@ async def capacity(url: str, bodies: list[bytes], seconds: float = 8.0, clients:
     return done / (time.perf_counter() - start)
 
 
+def kill_workers(what: str) -> dict:
+    """SIGKILL every model worker process; what was killed, for the record."""
+    pids = worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return {"pids": pids}
+
+
 async def poisson(url: str, bodies: list[bytes], rate: float, seconds: float, cap: int, deadline_s: float,
-                  seed: int, events: list[tuple[float, str]] | None = None) -> list[dict]:
-    """Open-loop arrivals; ``events``: (seconds from start, "kill") run at their time."""
+                  seed: int, events: list[tuple[float, str]] | None = None, act=kill_workers) -> list[dict]:
+    """Open-loop arrivals; ``events``: (seconds from start, name), each ``act(name)`` at its time."""
     import aiohttp
 
     rng = random.Random(seed)
@@ -168,16 +178,13 @@ async def poisson(url: str, bodies: list[bytes], rate: float, seconds: float, ca
     records: list[dict] = []
 
     async def one(at: float, body: bytes, session) -> None:
-        status, wait = await post(session, url, body, deadline_s)
-        records.append({"sent": at, "status": status, "wait_s": wait})
+        status, wait, node = await post(session, url, body, deadline_s)
+        records.append({"sent": at, "status": status, "wait_s": wait, "node": node})
 
     async def inject(start: float) -> None:
         for at, what in events or ():
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            pids = worker_pids()
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
-            records.append({"event": what, "at": time.perf_counter() - start, "pids": pids})
+            records.append({"event": what, "at": time.perf_counter() - start, **act(what)})
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         start = time.perf_counter()

@@ -71,6 +71,9 @@ class WorkerUnavailable(Exception):
     """The model worker died, is restarting or does not answer: the request may be retried."""
 
 
+NODE_HEADER = "x-tocom-node"  # the first 12 hex digits of the answering replica's Ray node id
+
+
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
@@ -136,6 +139,9 @@ class TocomReplica:
                                           boundaries=LATENCY_BOUNDARIES_MS)
         self._batch_sizes = metrics.Histogram("tocom_batch_size", "requests per batch",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64])
+        # Which node answered, for a cluster's operator (a load balancer's "served by"); None in
+        # a test that builds a replica outside Ray, where asking would start a Ray of its own.
+        self._node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else None
 
     async def check_health(self) -> None:
         """Ray Serve's health check: a replica whose worker stays dead or hung is replaced (Serve
@@ -195,6 +201,8 @@ class TocomReplica:
             response = _error(500, "internal error; the replica's log has the details")
         if path == "/v1/classify":
             self._requests.inc(tags={"status": str(response.status_code)})
+        if self._node is not None:
+            response.headers[NODE_HEADER] = self._node
         return response
 
     async def _route(self, request: Request, path: str) -> Response:
