@@ -36,7 +36,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from serve_faults import capacity, commit, free_port, get, image_bodies, poisson, smoke_checkpoint, summary
+from serve_faults import (
+    add_service_args,
+    capacity,
+    checked_args,
+    commit,
+    free_port,
+    get,
+    image_bodies,
+    poisson,
+    smoke_checkpoint,
+    summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -44,25 +55,12 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="deit_tiny_patch16_224")
-    p.add_argument("--checkpoint", help="the checkpoint to serve (required unless --smoke)")
-    p.add_argument("--images", help="a folder of images to send (searched recursively)")
+    add_service_args(p, seconds=45.0, max_requests=3000)
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs of each node")
-    p.add_argument("--seconds", type=float, default=45.0, help="length of each phase")
     p.add_argument("--load", type=float, default=0.5, help="offered load, times the closed-loop capacity")
-    p.add_argument("--deadline-s", type=float, default=30.0, help="client deadline per request")
-    p.add_argument("--max-requests", type=int, default=3000, help="cap per phase")
-    p.add_argument("--slo-ms", type=float, default=500.0)
-    p.add_argument("--start-timeout-s", type=float, default=600.0)
-    p.add_argument("--out", help="output path without suffix")
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args()
+    args = checked_args(p, "serve-cluster")
     if args.smoke:
         args.seconds = min(args.seconds, 20.0)
-    elif not args.checkpoint or not args.images:
-        p.error("--checkpoint and --images are required (or pass --smoke)")
-    args.out = Path(args.out or ROOT / ("runs/serve_cluster_smoke/serve-cluster" if args.smoke
-                                        else "docs/results/serve-cluster"))
     return args
 
 
@@ -108,6 +106,26 @@ print(json.dumps([{{"id": n["NodeID"][:12], "alive": n["Alive"],
 def cluster_nodes(address: str, env: dict[str, str]) -> list[dict] | None:
     """The cluster's nodes as Ray's GCS knows them (id prefix, alive, head), None when it does not answer."""
     done = subprocess.run([sys.executable, "-c", PROBE.format(address=address)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else None
+
+
+REPLICAS = """import json, ray
+from ray import serve
+ray.init(address={address!r}, log_to_driver=False)
+states = {{}}
+for app in serve.status().applications.values():
+    for deployment in app.deployments.values():
+        for state, n in deployment.replica_states.items():
+            key = str(getattr(state, "value", state))
+            states[key] = states.get(key, 0) + n
+print(json.dumps(states))"""
+
+
+def replica_states(address: str, env: dict[str, str]) -> dict[str, int] | None:
+    """Replicas by state (RUNNING, STARTING, ...) as Ray Serve's controller reports them."""
+    done = subprocess.run([sys.executable, "-c", REPLICAS.format(address=address)], capture_output=True,
                           text=True, env=env, timeout=120)
     lines = done.stdout.strip().splitlines()
     return json.loads(lines[-1]) if done.returncode == 0 and lines else None
@@ -170,7 +188,9 @@ def write(out: Path, result: dict) -> None:
     lines += ["", f"The second node was killed {loss['at_s']} s into the loss phase ({loss['pids_killed']} "
               "processes, SIGKILL). First 200 for a request sent after it: "
               f"{'none' if first is None else f'{first} s'} later. Nodes alive at the end: "
-              f"{result['nodes_after']}; `/healthz` after: {result['healthz_after']}."]
+              f"{result['nodes_after']}; replicas then: {result['replicas_after']} (both running again "
+              f"{result['two_replicas_running_after_s']} s after the loss, polled every few seconds); "
+              f"`/healthz` after: {result['healthz_after']}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -209,7 +229,13 @@ def main() -> None:
         ids = Counter(r["node"] for r in both if r.get("node"))
         events = [(args.seconds / 3, "node-loss")]
         loss = asyncio.run(poisson(url, bodies, rate, args.seconds, args.max_requests, args.deadline_s, 1,
-                                   events, act=lambda what: {"pids": second.kill()}))
+                                   events, act=lambda what: {"pids": second.kill(), "wall": time.time()}))
+        lost_at = next(r["wall"] for r in loss if r.get("event") == "node-loss")
+        replicas, stop = replica_states(address, env), time.time() + 180
+        while (replicas or {}).get("RUNNING", 0) < 2 and time.time() < stop:  # Ray starts the lost one anew
+            time.sleep(2.0)
+            replicas = replica_states(address, env)
+        both_running_s = round(time.time() - lost_at, 1) if (replicas or {}).get("RUNNING", 0) >= 2 else None
         after = cluster_nodes(address, env)
         result = {"model": model, "checkpoint": Path(checkpoint).name, "commit": commit(), "cpus": args.cpus,
                   "capacity_rps": rate_max, "rate_rps": rate, "deadline_s": args.deadline_s,
@@ -217,6 +243,7 @@ def main() -> None:
                   "both": {**summary(both), "answers_by_node": per_node(both, head_id)},
                   "loss": loss_report(loss, head_id),
                   "nodes_after": None if after is None else sum(n["alive"] for n in after),
+                  "replicas_after": replicas, "two_replicas_running_after_s": both_running_s,
                   "healthz_after": get(f"http://127.0.0.1:{http}/healthz")}
         write(args.out, result)
         print(args.out.with_suffix(".md").read_text())

@@ -38,30 +38,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_service_args(p: argparse.ArgumentParser, seconds: float, max_requests: int) -> None:
+    """The options every fault benchmark shares: what to serve, what to send, the bounds."""
     p.add_argument("--model", default="deit_tiny_patch16_224")
     p.add_argument("--checkpoint", help="the checkpoint to serve (required unless --smoke)")
     p.add_argument("--images", help="a folder of images to send (searched recursively)")
-    p.add_argument("--seconds", type=float, default=60.0, help="length of the kill phase")
-    p.add_argument("--kills", type=int, default=3)
-    p.add_argument("--stalled", type=int, default=40, help="slow-upload connections")
-    p.add_argument("--stall-seconds", type=float, default=15.0)
+    p.add_argument("--seconds", type=float, default=seconds, help="length of the loaded phase(s)")
     p.add_argument("--deadline-s", type=float, default=30.0, help="client deadline per request")
-    p.add_argument("--max-requests", type=int, default=4000, help="cap per phase")
-    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.add_argument("--max-requests", type=int, default=max_requests, help="cap per phase")
     p.add_argument("--slo-ms", type=float, default=500.0)
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--out", help="output path without suffix")
-    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="a tiny random ViT and short phases")
+
+
+def checked_args(p: argparse.ArgumentParser, name: str) -> argparse.Namespace:
+    """Parsed options, with --checkpoint and --images required unless --smoke, and the output path
+    (``docs/results/NAME``, or ``runs/..._smoke`` for a smoke run)."""
     args = p.parse_args()
+    if not args.smoke and (not args.checkpoint or not args.images):
+        p.error("--checkpoint and --images are required (or pass --smoke)")
+    smoke = f"runs/{name.replace('-', '_')}_smoke/{name}"
+    args.out = Path(args.out or ROOT / (smoke if args.smoke else f"docs/results/{name}"))
+    return args
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_service_args(p, seconds=60.0, max_requests=4000)
+    p.add_argument("--kills", type=int, default=3)
+    p.add_argument("--stalled", type=int, default=40, help="slow-upload connections")
+    p.add_argument("--stall-seconds", type=float, default=15.0)
+    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    args = checked_args(p, "serve-faults")
     if args.smoke:
         args.seconds, args.stall_seconds, args.stalled = min(args.seconds, 20.0), 4.0, min(args.stalled, 8)
         args.kills = min(args.kills, 1)  # a restart takes seconds: one kill in the short phase
-    elif not args.checkpoint or not args.images:
-        p.error("--checkpoint and --images are required (or pass --smoke)")
-    args.out = Path(args.out or ROOT / ("runs/serve_faults_smoke/serve-faults" if args.smoke
-                                        else "docs/results/serve-faults"))
     return args
 
 
