@@ -8,7 +8,7 @@ from .adaptformer import BottleneckAdapter, ParallelAdapterMLP
 from .config import AdaptFormerConfig, LoRAConfig
 from .lora import LoRAQKV
 from .model import (
-    ADAPTERS,
+    PEFT_METHODS,
     adapter_parameters,
     add_adaptformer,
     add_lora,
@@ -23,7 +23,7 @@ from .model import (
 )
 
 __all__ = [
-    "ADAPTERS",
+    "PEFT_METHODS",
     "AdaptFormerConfig",
     "BottleneckAdapter",
     "LoRAConfig",

@@ -22,7 +22,7 @@ SUPPORTED_MODELS = (
     "timm VisionTransformer / VisionTransformerDistilled (DeiT) models, whose "
     "model.blocks[i].attn.qkv is a fused q/k/v nn.Linear"
 )
-ADAPTERS = ("lora", "adaptformer")
+PEFT_METHODS = ("lora", "adaptformer")
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -134,8 +134,8 @@ def remove_adaptformer(model: nn.Module) -> nn.Module:
 
 def adapter_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
     """The parameters a PEFT ``method`` ("lora" or "adaptformer") added to ``model``."""
-    if method not in ADAPTERS:
-        raise ValueError(f"unknown PEFT method {method!r}; choose from {ADAPTERS}")
+    if method not in PEFT_METHODS:
+        raise ValueError(f"unknown PEFT method {method!r}; choose from {PEFT_METHODS}")
     params: list[nn.Parameter] = []
     for blk in find_blocks(model):
         if method == "lora" and isinstance(blk.attn.qkv, LoRAQKV):
