@@ -14,7 +14,7 @@
 #   ce     - cross-entropy on the ImageNet labels instead of KL to the backbone at the source degree.
 # Every plugin is then scored on the same measure, the held-out KL of each degree pair (a plugin
 # trained on another loss records its own loss in its curve, which is not comparable).
-# Needs `tocom experiment all --stage data --shared ../shared` first (the split of the ImageNet sample).
+# Needs `python -m research.paper all --stage data --shared ../shared` first (the split of the ImageNet sample).
 # Usage: bash research/distill_causes.sh [OUT_DIR]   (12-18 minutes per run on 2 cores; a finished
 # run is kept, so a rerun trains only what is missing)
 set -eu

@@ -16,7 +16,7 @@ The deltas go in through forward hooks on the Linear modules, so the compressed 
 the library's, unchanged. This is a research probe, not a plugin format: a result here decides
 whether the format should grow beyond q and v.
 
-Needs ``tocom experiment all --stage data --shared ../shared`` (the split of the ImageNet sample)
+Needs ``python -m research.paper all --stage data --shared ../shared`` (the split of the ImageNet sample)
 and the DeiT-Tiny weights in ``../shared``. Each configuration writes ``OUT/proj-NAME.json`` and
 is skipped when that exists; a killed run resumes from its checkpoint.
 
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}")
     for path in (DATA / "train", DATA / "holdout", WEIGHTS):
         if not path.exists():
-            p.error(f"{path} is missing: run `tocom experiment all --stage data --shared ../shared` and "
-                    "check ../shared")
+            p.error(f"{path} is missing: run `python -m research.paper all --stage data --shared "
+                    "../shared` and check ../shared")
     torch.set_num_threads(2)
     gap = check_matches_plugin()
     if gap > 1e-5:

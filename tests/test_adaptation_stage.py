@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tocom.experiments import adaptation
+from research.paper import adaptation
 
 TARGETS = (0, 8, 16)
 

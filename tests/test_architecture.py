@@ -181,3 +181,14 @@ def test_no_library_module_reads_the_current_directory_or_the_repo_layout():
              for i, line in enumerate(path.read_text().splitlines(), 1)
              if implicit.search(line) and not line.lstrip().startswith("#")]
     assert not found, "\n".join(found)
+
+
+def test_the_library_never_imports_the_research_code():
+    """research/ (the papers' experiments, the probes) sits beside the package and is not installed."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.relative_to(ROOT)} imports {n}" for n in names if n.split(".")[0] == "research"]
+    assert not found, "\n".join(found)

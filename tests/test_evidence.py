@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tocom.experiments.evidence import PROTOCOLS
-from tocom.experiments.evidence_report import Analysis
+from research.paper.evidence import PROTOCOLS
+from research.paper.evidence_report import Analysis
 
 P = PROTOCOLS["smoke"]  # tasks cifar10, count; sources 0, 16; targets 0, 16; one seed of each
 N = 50
@@ -66,8 +66,8 @@ def test_records_hold_one_row_per_configuration(analysis):
 
 
 def test_shards_split_every_stage_into_disjoint_parts_that_cover_it(tmp_path):
+    from research.paper.evidence import Evidence
     from tocom.data import shared_dir
-    from tocom.experiments.evidence import Evidence
 
     if not (shared_dir() / "weights").is_dir():
         pytest.skip("needs ../shared (the evidence run's real weights)")
@@ -85,18 +85,18 @@ def test_shards_split_every_stage_into_disjoint_parts_that_cover_it(tmp_path):
 def test_shard_option_is_checked():
     import argparse
 
-    from tocom.cli import _shard
+    from research.paper.__main__ import shard
 
-    assert _shard("1/3") == (1, 3)
+    assert shard("1/3") == (1, 3)
     for bad in ("3/3", "1", "a/b", "0/0"):
         with pytest.raises(argparse.ArgumentTypeError, match="shard"):
-            _shard(bad)
+            shard(bad)
 
 
 def test_gap_control_is_a_seeded_direction_of_equal_norm():
     import torch
 
-    from tocom.experiments.suite import _random_like
+    from research.paper.suite import _random_like
 
     delta = torch.randn(64, 32) * 0.01
     a = _random_like(delta, torch.Generator().manual_seed(0))
@@ -112,7 +112,7 @@ def test_experiment_results_record_their_provenance(tmp_path):
     import json
     import time
 
-    from tocom.experiments.common import write_results
+    from research.paper.common import write_results
 
     rows = [{"from": "a", "to": "b", "M0_at_16": 0.5, "M0_plus_gap_at_16": 0.6, "gain": 0.1}]
     path = write_results("gap", {"budget": "smoke", "rows": rows}, tmp_path, time.time())

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from tocom.experiments.evidence import Evidence
-from tocom.experiments.evidence_report import (
+from research.paper.evidence import Evidence
+from research.paper.evidence_report import (
     pyra_curves,
     pyra_records,
     pyra_results,
@@ -154,11 +154,20 @@ def test_pyra_units_without_a_validation_accuracy_are_flagged(ev):
 
 
 def test_the_command_line_accepts_every_stage():
-    from tocom.cli import build_parser
-    from tocom.experiments.evidence import STAGES
+    from research.paper.__main__ import build_parser
+    from research.paper.evidence import STAGES
 
-    args = build_parser().parse_args(["experiment", "all", "--stage", *STAGES])
+    args = build_parser().parse_args(["all", "--stage", *STAGES])
     assert tuple(args.stage) == STAGES
+
+
+def test_tocom_experiment_points_to_the_research_runner(capsys):
+    from tocom.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["experiment", "all", "--stage", "adapt"])
+    assert stop.value.code == 2
+    assert "python -m research.paper all --stage adapt" in capsys.readouterr().err
 
 
 def test_deit_augmentation_survives_posterize_at_full_magnitude():
@@ -183,8 +192,8 @@ def test_table5_ablation_plugins_hold_as_many_parameters_as_the_standard_one():
     """The paper compares its ablations at equal parameters; a rank that drifted would not."""
     from conftest import tiny_vit
 
+    from research.paper.evidence import ABLATIONS, STANDARD_GROUPS, STANDARD_RANK
     from tocom.compensator import Compensator
-    from tocom.experiments.evidence import ABLATIONS, STANDARD_GROUPS, STANDARD_RANK
 
     model = tiny_vit()
     size = lambda **kw: sum(p.numel() for p in Compensator.init_for(  # noqa: E731

@@ -237,7 +237,7 @@ def test_a_torn_last_line_of_the_training_log_is_dropped(tmp_path):
 
 
 def test_a_damaged_evaluation_cache_is_named(tmp_path):
-    from tocom.experiments.common import read_cache
+    from research.paper.common import read_cache
 
     cache = tmp_path / "evals-mini.json"
     assert read_cache(cache) == {}

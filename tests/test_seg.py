@@ -199,8 +199,8 @@ def test_sweep_with_a_dense_plugin(task):
 
 
 def test_experiment_scale_choice_and_page():
-    from tocom.experiments.render import segmentation_markdown as markdown
-    from tocom.experiments.segmentation import PAPER, _best_scales
+    from research.paper.render import segmentation_markdown as markdown
+    from research.paper.segmentation import PAPER, _best_scales
     from tocom.jobs.segment import SegRow
 
     rows = [SegRow(12, 0, True, 0.1, 0.5, 0.9, 1.0), SegRow(12, 0, True, 0.05, 0.5, 0.9, 1.0),

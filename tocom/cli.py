@@ -9,7 +9,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from tocom.compress import parse_schedule
-from tocom.experiments.evidence import STAGES as EVIDENCE_STAGES
 from tocom.models import COMPRESSION_METHODS, dims_of, patch, unpatch
 from tocom.report.cli import add_parser as add_report_parser
 from tocom.serve.cli import add_parser as add_serve_parser
@@ -178,34 +177,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from tocom.experiments import run_experiment
-
-    if args.name == ["all"]:
-        from tocom.experiments.evidence import STAGES, run_evidence
-
-        path = run_evidence(args.work or "runs/evidence", args.out, args.protocol,
-                            tuple(args.stage) if args.stage else STAGES, args.device, args.workers,
-                            shard=args.shard, shared=args.shared)
-        if path is not None:
-            print(f"wrote {path}")
-        return
-    if "all" in args.name:
-        raise ValueError("'all' runs the evidence stages on its own; pass it alone")
-    for name in args.name:
-        path = run_experiment(name, args.out, args.budget, args.work or "runs/experiments",
-                              shared=args.shared, plugin=args.plugin)
-        print(f"wrote {path}")
-
-
-def _shard(text: str) -> tuple[int, int]:
-    """``I/N`` as a pair, checked."""
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard takes I/N, such as 0/3; got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N, got {text!r}")
-    return i, n
+    raise ValueError("the papers' experiments live beside the library now: from a clone of the "
+                     f"repository run `python -m research.paper {' '.join(args.rest) or '...'}` "
+                     "(the same arguments)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,27 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, not a result)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("experiment", help="run the papers' experiments in miniature (needs --shared)")
-    p.add_argument("name", nargs="+",
-                   choices=["all", "mismatch", "gap", "gains", "ablations", "evit", "pyra", "segmentation"],
-                   help="all: the evidence run (plugins, finetune, predict, analyze), resumable by stage")
-    p.add_argument("--budget", choices=["small", "smoke"], default="small")
-    p.add_argument("--protocol", choices=["paper-mini", "smoke"], default="paper-mini", help="for all")
-    # From the stage list itself: a copy here once refused two new stages on a lent GPU.
-    p.add_argument("--stage", nargs="+", choices=EVIDENCE_STAGES,
-                   help="for all: only these stages (default: every stage, in order)")
-    p.add_argument("--device", help="for all: cuda or cpu (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=0, help="for all: data loader workers")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                   help="for all: this process runs every N-th unit from the I-th (0-based); start N "
-                        "processes, then analyze alone")
-    p.add_argument("--out", default="docs/results", help="where results files go")
-    p.add_argument("--shared", help="folder of the real weights and data, laid out as ../shared "
-                                    "(default: $TOCOM_SHARED)")
-    p.add_argument("--plugin", default="plugins/deit_tiny_patch16_224.tocom.safetensors",
-                   help="the plugin for the default settings (distilled at the budget if absent)")
-    p.add_argument("--work", help="cache of models, plugins and evaluations "
-                                  "(default: runs/experiments, runs/evidence for all)")
+    p = sub.add_parser("experiment", help="moved: python -m research.paper, from a clone")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("visualize", help="picture of which patches merged into which token")

@@ -1,6 +1,6 @@
 """The plugin's effect under the ToCom VTAB protocol, with seeds, per-image records and paired statistics.
 
-``tocom experiment all`` runs its stages in order; each skips the units it finds finished, so a
+``python -m research.paper all`` runs its stages in order; each skips the units it finds finished, so a
 killed run resumes where it stopped (a fine-tune or a distillation also resumes mid-run from its
 own checkpoint):
 
@@ -22,7 +22,7 @@ own checkpoint):
    their per-image test predictions;
 6. ``adapt``: the universal plugin adapted without labels to each fine-tuned model of a declared
    subset (``tocom adapt``), its per-image test predictions beside the universal plugin's, and
-   the adaptation endpoints in ``docs/results/adapt.{json,md}`` (:mod:`tocom.experiments.adaptation`);
+   the adaptation endpoints in ``docs/results/adapt.{json,md}`` (:mod:`research.paper.adaptation`);
 7. ``analyze``: the pre-declared endpoints of ``docs/results/README.md`` with paired bootstrap CIs
    and exact McNemar tests, written to ``docs/results/evidence.{json,md}`` with the predictions.
 
@@ -45,14 +45,14 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from research.paper import adaptation
+from research.paper.keys import MODEL
+from research.paper.keys import default_device as _default_device
+from research.paper.keys import digest as _digest
+from research.paper.keys import write_json as _write_json
 from tocom.atomic import atomic_write
 from tocom.compensator import Compensator
 from tocom.data import load_dataset, shared_dir, write_vtab
-from tocom.experiments import adaptation
-from tocom.experiments.keys import MODEL
-from tocom.experiments.keys import default_device as _default_device
-from tocom.experiments.keys import digest as _digest
-from tocom.experiments.keys import write_json as _write_json
 from tocom.finetuned import checkpoint_metadata, eval_transform_for, load_model
 from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, select_scales, sweep
@@ -445,7 +445,7 @@ class Evidence:
                 complete.append(seed)
         if not complete:
             raise FileNotFoundError("no fine-tuning seed has predictions for every task and source yet: "
-                                    "run the earlier stages (tocom experiment all resumes them)")
+                                    "run the earlier stages (python -m research.paper all resumes them)")
         return records, tuple(complete)
 
     def provenance(self) -> dict:
@@ -484,7 +484,7 @@ def run_evidence(work: str | Path = "runs/evidence", out: str | Path = "docs/res
         if together and stage == "finetune":
             ev.run_models()
         elif stage == "analyze":
-            from tocom.experiments.evidence_report import analyze
+            from research.paper.evidence_report import analyze
 
             analyze(ev, Path(out))
         else:

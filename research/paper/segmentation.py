@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from research.paper.common import MODEL, SCALES, Lab
 from tocom.compensator import Compensator
 from tocom.data import SegmentationFolder, SegmentationTransform, write_segmentation_task
-from tocom.experiments.common import MODEL, SCALES, Lab
 from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import make_loader
 from tocom.jobs.segment import (

@@ -225,7 +225,7 @@ def read_cache(path: Path) -> dict:
 
 def write_results(name: str, results: dict, out_dir: str | Path, started: float) -> Path:
     """``out_dir/NAME.json`` (with the wall time of the whole command) and ``NAME.md``."""
-    from tocom.experiments.render import render
+    from research.paper.render import render
 
     out = Path(out_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The papers' experiments in miniature; each writes ``docs/results/NAME.json`` (+ a plot).
 
-tocom experiment mismatch|gap|gains|ablations|evit|pyra|segmentation [--budget small] [--out docs/results]
+python -m research.paper mismatch|gap|gains|ablations|evit|pyra|segmentation \
+    [--budget small] [--out docs/results]
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tocom.experiments.common import GENERATED, MODEL, Lab, write_results
-from tocom.experiments.segmentation import segmentation
+from research.paper.common import GENERATED, MODEL, Lab, write_results
+from research.paper.segmentation import segmentation
 from tocom.finetuned import load_model
 from tocom.report.plots import accuracy_plot
 

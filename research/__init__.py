@@ -1,0 +1,1 @@
+"""Research code beside the library: the papers' experiments (``research.paper``) and the probes."""
