@@ -240,3 +240,26 @@ def test_per_call_degree_leaves_shared_state_alone():
         once = plain(x, r=3)
         plain.r = 3
         assert torch.equal(once, plain(x))
+
+
+def test_a_switch_that_waits_for_running_forwards_logs_it(caplog):
+    import logging
+    import threading
+
+    from tocom.models.lock import StateLock
+
+    lock, inside, release = StateLock(), threading.Event(), threading.Event()
+
+    def forward():
+        with lock.shared():
+            inside.set()
+            release.wait(5)
+
+    reader = threading.Thread(target=forward)
+    reader.start()
+    assert inside.wait(5)
+    threading.Timer(0.05, release.set).start()
+    with caplog.at_level(logging.DEBUG, logger="tocom.models.lock"), lock.exclusive():
+        pass
+    reader.join(5)
+    assert "waited" in caplog.text and "for 1 running forwards" in caplog.text

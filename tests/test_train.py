@@ -273,3 +273,15 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     ck = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
     assert ck["step"] == 10 and ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from tocom.train.trainer import read_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    with caplog.at_level(logging.WARNING, logger="tocom.train.trainer"):
+        assert read_log(log) == [{"step": 1, "loss": 0.5}]
+    assert "torn last line" in caplog.text

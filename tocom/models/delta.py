@@ -13,18 +13,20 @@ name and SHA-256 in its metadata:
 
 :func:`tocom.models.loading.read_state_dict` rebuilds the full state dict transparently, so every
 command that takes a checkpoint takes a delta. The base is looked for at its recorded path, then
-under its file name next to the delta, then in the shared folder's ``weights/``; a base whose
-content differs is refused.
+under its file name next to the delta, then, when ``$TOCOM_SHARED`` is set, in that folder's
+``weights/``; a base whose content differs is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
 BASE, BASE_SHA, KEYS, SOURCES = "delta_base", "delta_base_sha256", "delta_keys", "delta_sources"
 
 
@@ -89,6 +91,7 @@ def find_base(path: str | Path, meta: dict[str, str]) -> Path:
         candidates.append(shared / "weights" / recorded.name)
     for candidate in candidates:
         if candidate.is_file() and sha256_file(candidate) == meta[BASE_SHA]:
+            logger.info("%s: loading its base %s", path, candidate)
             return candidate
     tried = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(

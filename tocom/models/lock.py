@@ -8,9 +8,13 @@ reads (a forward calling another forward) or writes may enter again without dead
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
 
 
 class StateLock:
@@ -61,11 +65,15 @@ class StateLock:
                 if self._read_depth():
                     raise RuntimeError("cannot switch the degree from inside a forward of the same model")
                 self._writers_waiting += 1
+                busy, start = self._readers, time.perf_counter()
                 try:
                     while self._writer is not None or self._readers:
                         self._cond.wait()
                 finally:
                     self._writers_waiting -= 1
+                if busy:  # only the contended path pays for the clock and the record
+                    logger.debug("a switch waited %.1f ms for %d running forwards",
+                                 (time.perf_counter() - start) * 1000, busy)
                 self._writer = me
             self._writer_depth += 1
         try:

@@ -27,6 +27,7 @@ algorithms) and an objective whose frozen parts are rebuilt identically.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -57,6 +58,8 @@ from tocom.train.loader import build_loader, mix_seed, move_to_device
 
 __all__ = ["Objective", "TrainConfig", "TrainResult", "logged_evals", "lr_at", "train"]
 
+
+logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
@@ -140,6 +143,7 @@ def _train(objective: nn.Module, dataset: Dataset, config: TrainConfig, out_dir:
         restore_rng(ckpt["rng"][rank])
         step = ckpt["step"]
         if main:
+            logger.info("resuming %s at step %d of %d", ckpt_path, step, config.steps)
             _truncate_log(log_path, step)  # drop records logged after the checkpoint, they get redone
     else:
         _seed_everything(mix_seed(config.seed, rank))  # per rank, so dropout noise differs across ranks
@@ -238,6 +242,7 @@ def _save(path: Path, objective: nn.Module, optimizer: torch.optim.Optimizer, sc
         atomic_save({"model": trainable_state(objective), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "world_size": world,
                      "config": asdict(config), "rng": rng}, path)
+        logger.debug("checkpoint at step %d written to %s", step, path)
     distributed.barrier()  # when train() returns on any rank, the checkpoint exists
 
 
@@ -278,6 +283,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
                 raise ValueError
         except ValueError:
             if i == len(lines) - 1:
+                logger.warning("%s: dropped a torn last line (a run killed while writing it)", path)
                 break
             raise ValueError(f"{path}: line {i + 1} is not a training record; the log is damaged, "
                              "delete it to resume without the earlier records") from None
