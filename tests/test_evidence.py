@@ -119,3 +119,38 @@ def test_experiment_results_record_their_provenance(tmp_path):
     written = json.loads(path.read_text())
     assert {"commit", "dirty", "versions", "device"} <= set(written["provenance"])
     assert written["rows"] == rows and path.with_suffix(".md").is_file()
+
+
+def test_the_declared_protocol_is_the_one_the_published_results_record():
+    """research/paper/protocols/paper-mini.json against the fields docs/results/*.json were made with."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    declared = json.loads(json.dumps(dataclasses.asdict(PROTOCOLS["paper-mini"])))  # tuples as lists
+    recorded = json.loads((results / "evidence.json").read_text())["provenance"]
+    recorded.update(json.loads((results / "adapt.json").read_text())["protocol"])
+    shared = set(declared) & set(recorded)
+    assert set(declared) == shared  # every field of the protocol was recorded
+    assert {k: declared[k] for k in shared} == {k: recorded[k] for k in shared}
+
+
+def test_a_protocol_file_must_give_exactly_the_fields(tmp_path):
+    import dataclasses
+    import json
+
+    from research.paper.evidence import load_protocol
+
+    fields = dataclasses.asdict(PROTOCOLS["smoke"])
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**fields, "epochz": 3}))
+    with pytest.raises(ValueError, match=r"unknown \['epochz'\]"):
+        load_protocol(path)
+    del fields["epochs"]
+    path.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"missing \['epochs'\]"):
+        load_protocol(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not a readable JSON protocol"):
+        load_protocol(path)

@@ -38,7 +38,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -81,53 +81,68 @@ VARIANTS: dict[str, dict[str, object]] = {**CAUSES, **ABLATIONS}
 
 @dataclass(frozen=True)
 class Protocol:
-    """Everything that defines the evidence run; its fields go into every unit's key."""
+    """Everything that defines the evidence run; its fields go into every unit's key.
 
-    tasks: tuple[str, ...] = ("cifar10", "count", "orientation")
-    sources: tuple[int, ...] = (0, 16)
-    targets: tuple[int, ...] = (0, 4, 8, 12, 16)
-    finetune_seeds: tuple[int, ...] = (0, 1, 2)
-    plugin_seeds: tuple[int, ...] = (0, 1)
-    method: str = "adaptformer"  # on the frozen backbone, as ToCom's VTAB tables
-    preset: str = "tocom-vtab-adaptformer"
-    epochs: int = 30
-    batch_size: int = 64
-    plugin_steps: int = 2000
-    plugin_batch: int = 64
-    plugin_lr: float = 1e-3
-    plugin_eval_every: int = 250
+    The values live in ``research/paper/protocols/NAME.json``, one file per protocol, every field
+    given (a missing or unknown field is refused); the comments here say what each field means.
+    ``paper-mini`` is the declared evidence run; ``smoke`` runs the whole pipeline on a sliver of
+    everything in seconds on a CPU (tests and a dry run).
+    """
+
+    tasks: tuple[str, ...]
+    sources: tuple[int, ...]
+    targets: tuple[int, ...]
+    finetune_seeds: tuple[int, ...]
+    plugin_seeds: tuple[int, ...]
+    method: str  # on the frozen backbone, as ToCom's VTAB tables
+    preset: str
+    epochs: int
+    batch_size: int
+    plugin_steps: int
+    plugin_batch: int
+    plugin_lr: float
+    plugin_eval_every: int
     # 0 (no delta) and multiples of the trained scale 0.1 around it; the paper's exact grid is not
     # published with its code, so the grid brackets the trained value on both sides.
-    scales: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
-    fixed_scale: float = 0.1
-    generated_test: int = 2000
-    test_images: int | None = None  # None: the whole test split
-    eval_batch: int = 250
-    variants: tuple[str, ...] = ("feat", "deit-aug", "shared", "no-inversion", "ce")
-    variant_seeds: tuple[int, ...] = (0,)  # paired with the standard plugin of the same seed
+    scales: tuple[float, ...]
+    fixed_scale: float
+    generated_test: int
+    test_images: int | None  # None: the whole test split
+    eval_batch: int
+    variants: tuple[str, ...]
+    variant_seeds: tuple[int, ...]  # paired with the standard plugin of the same seed
     # PYRA endpoint: the PYRA paper's recipe at its ``high`` schedule, for this protocol's epochs and
     # batch; the modulator's learning rate is picked per task on val200 from this grid.
-    pyra_schedule: str = "high"
-    pyra_modulator_lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    pyra_schedule: str
+    pyra_modulator_lrs: tuple[float, ...]
     # Adaptation (tocom adapt) of the universal plugin of one seed to each fine-tuned model of a
     # declared subset (docs/results/README.md, "Adaptation"): the CPU budget of one session.
-    adapt_tasks: tuple[str, ...] = ("count",)
-    adapt_seeds: tuple[int, ...] = (0,)
-    adapt_plugin_seed: int = 0
-    adapt_steps: int = 120
-    adapt_batch: int = 32
-    adapt_lr: float = 1e-3
+    adapt_tasks: tuple[str, ...]
+    adapt_seeds: tuple[int, ...]
+    adapt_plugin_seed: int
+    adapt_steps: int
+    adapt_batch: int
+    adapt_lr: float
 
 
-PROTOCOLS = {
-    "paper-mini": Protocol(),
-    # Seconds on a CPU: the whole pipeline on a sliver of everything (tests and a dry run).
-    "smoke": Protocol(tasks=("cifar10", "count"), targets=(0, 16), finetune_seeds=(0,), plugin_seeds=(0,),
-                      epochs=1, batch_size=32, plugin_steps=2, plugin_batch=8, plugin_eval_every=1,
-                      scales=(0.0, 0.1), generated_test=40, test_images=40, eval_batch=20,
-                      variants=("feat",), pyra_modulator_lrs=(1e-2,), adapt_tasks=("count",),
-                      adapt_steps=2, adapt_batch=8),
-}
+PROTOCOL_DIR = Path(__file__).with_name("protocols")
+
+
+def load_protocol(path: Path) -> Protocol:
+    """The protocol a JSON file declares: every field of :class:`Protocol`, lists read as tuples."""
+    try:
+        given = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable JSON protocol ({err})") from None
+    names = [f.name for f in fields(Protocol)]
+    missing, unknown = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+    if missing or unknown:
+        raise ValueError(f"{path}: fields missing {missing}, unknown {unknown}; give exactly the fields "
+                         "of research.paper.evidence.Protocol")
+    return Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+PROTOCOLS = {path.stem: load_protocol(path) for path in sorted(PROTOCOL_DIR.glob("*.json"))}
 
 
 class Evidence:
