@@ -125,48 +125,12 @@ def cmd_finetune_segmentation(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from tocom.compensator import Compensator
-    from tocom.data import load_dataset
-    from tocom.finetuned import checkpoint_metadata, eval_transform_for, source_degree
-    from tocom.jobs.evaluate import make_loader, sweep, sweep_at_selected_scales
+    from tocom.jobs.eval_checkpoint import EvalConfig, run_eval
     from tocom.report.tables import format_table, json_lines
 
-    meta = checkpoint_metadata(args.checkpoint) if args.checkpoint else {}
-    if meta.get("task") == "segmentation":  # a tocom finetune --task segmentation output: mIoU
-        from tocom.jobs.segment import run_segment_eval
-
-        split = {"test": "test", "val": "val"}.get(args.split, args.split)
-        seg_rows = run_segment_eval(args.checkpoint, args.data, args.target, split=split, source=args.source,
-                                    plugin_file=args.plugin, scales=args.scale, batch_size=args.batch_size,
-                                    device=args.device, progress=not args.json)
-        dicts = [r.as_dict() for r in seg_rows]
-        print(json_lines(dicts) if args.json else format_table(dicts))
-        return
-    if args.source is None:  # a tocom finetune output records the degree it was trained at
-        args.source = source_degree(meta) or 0
-    model = patch(_load(args), args.method or meta.get("compression", "tome"))
-    plugin = Compensator.load(args.plugin) if args.plugin else None
-    for degree in [args.source, *args.target] if plugin is not None else []:
-        plugin.check_degree(degree)  # fail before any image is decoded
-    tf = eval_transform_for(args.checkpoint, model, args.resize)
-    head = getattr(model, "num_classes", 0)
-
-    def rows_for(split, scales, targets):
-        data = load_dataset(args.data, split, tf)
-        if data.num_classes > head:
-            raise ValueError(f"the checkpoint's head has {head} classes but {args.data} has "
-                             f"{data.num_classes}; pass the checkpoint fine-tuned on this data")
-        return sweep(model, make_loader(data, args.batch_size, args.workers), targets, args.source,
-                     plugin, scales, device=args.device, split=split, progress=not args.json)
-
-    if args.select_scale_on:
-        if plugin is None:
-            raise ValueError("--select-scale-on needs --plugin")
-        rows = sweep_at_selected_scales(rows_for, args.scale, args.target, args.select_scale_on, args.split)
-    else:
-        rows = rows_for(args.split, args.scale, args.target)
-    dicts = [r.as_dict() for r in rows]
-    print(json_lines(dicts) if args.json else format_table(dicts))
+    config = job_config(EvalConfig, args, targets=args.target, scales=args.scale, progress=not args.json)
+    rows = run_eval(config)
+    print(json_lines(rows) if args.json else format_table(rows))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
