@@ -192,3 +192,14 @@ def test_the_library_never_imports_the_research_code():
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             found += [f"{path.relative_to(ROOT)} imports {n}" for n in names if n.split(".")[0] == "research"]
     assert not found, "\n".join(found)
+
+
+def test_package_docstrings_name_the_floor_the_page_gives():
+    wrong = []
+    for init in sorted(ROOT.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        said = re.match(r"(?:Floor|Layer) (\d+)", doc)
+        if said and int(said.group(1)) != FLOORS[init.parent.name]:
+            wrong.append(f"{init.parent.name}: docstring says {said.group(0)}, the page floor "
+                         f"{FLOORS[init.parent.name]}")
+    assert not wrong, "\n".join(wrong)

@@ -1,4 +1,4 @@
-"""Layer 4: Token Compensator plugins, their arithmetic, files and training objective."""
+"""Floor 4: Token Compensator plugins, their arithmetic, files and training objective."""
 
 from tocom.compensator.attach import attach, attachment, detach, is_attached, restoring, set_degree
 from tocom.compensator.bank import CompensatorBank

@@ -1,4 +1,4 @@
-"""Layer 1: token reduction as pure tensor functions (no modules, no global state)."""
+"""Floor 1: token reduction as pure tensor functions (no modules, no global state)."""
 
 from tocom.compress.dense import dense_clamp, dense_model_flops, dense_unmerge, merged_owner
 from tocom.compress.evit import PrunePlan, prune, prune_plan, prune_source

@@ -3,7 +3,7 @@
 Source: the official PYRA code (Xiong et al., ECCV 2024; github.com/THU-MIG/PYRA,
 ``model/tome.py::get_merging_schedule``), which lists one schedule per backbone and rate; they
 are the per-layer lists of the paper's supplementary material. Kept here as data, keyed by depth,
-so that ``parse_schedule("high", dims)`` resolves them without layer 1 knowing about PYRA.
+so that ``parse_schedule("high", dims)`` resolves them without floor 1 knowing about PYRA.
 
 * depth 12 (ViT-B/16 at 224 px, 197 tokens): ``low`` removes 186 tokens, analytic FLOPs ratio
   0.50 (exactly ``schedule_from_flops(dims, 0.5)``); ``high`` removes 192, FLOPs ratio 0.29.

@@ -1,4 +1,4 @@
-"""Layer 2: backbone adapters that route block forwards through layer 1.
+"""Floor 2: backbone adapters that route block forwards through floor 1.
 
 One adapter per family (:mod:`tocom.models.adapter` states the contract); :mod:`tocom.models.registry`
 dispatches ``patch``, ``unpatch``, ``dims_of`` and ``schedule_report`` to the right one.

@@ -1,4 +1,4 @@
-"""Layer 5: PYRA token modulation, a hook into layer 1's merge step (see :mod:`.modulator`).
+"""Floor 4: PYRA token modulation, a hook into floor 1's merge step (see :mod:`.modulator`).
 
     model = tocom.patch(timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=100))
     model.r = tocom.compress.parse_schedule("high", tocom.dims_of(model))   # or PYRA_SCHEDULES

@@ -1,4 +1,4 @@
-"""Layer 8: elastic serving. The degree controller and calibration are plain Python (no Ray);
+"""Floor 8: elastic serving. The degree controller and calibration are plain Python (no Ray);
 :mod:`tocom.serve.app` (the Ray Serve deployment) needs the ``serve`` extra: ``pip install tocom[serve]``."""
 
 from tocom.serve.batcher import Batcher, Running
