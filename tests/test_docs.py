@@ -1,5 +1,6 @@
 """The docs a newcomer reads: the README stays a front door, and no relative link is dead."""
 
+import json
 import re
 from pathlib import Path
 
@@ -40,3 +41,19 @@ def test_relative_links_resolve(page):
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             dead.append(target)
     assert not dead, f"{page.relative_to(ROOT)} links to missing files or headings: {dead}"
+
+
+def test_every_results_file_records_its_provenance_or_is_listed_as_lacking_it():
+    results = ROOT / "docs" / "results"
+    page = (results / "README.md").read_text()
+    table = page.split("<!-- files-without-provenance -->")[1].split("<!-- /files-without-provenance -->")[0]
+    listed = set(re.findall(r"^\| `([\w.-]+\.json)` \|", table, flags=re.M))
+    assert len(listed) == 11
+    lacking = set()
+    for path in sorted(results.glob("*.json")):
+        record = json.loads(path.read_text())
+        prov = record.get("provenance", {}) if isinstance(record, dict) else {}
+        if not (isinstance(prov, dict) and prov.get("commit")) and not record.get("commit"):
+            lacking.add(path.name)
+    assert lacking == listed, f"without provenance but not listed: {sorted(lacking - listed)}; " \
+                              f"listed but recording it now: {sorted(listed - lacking)}"
