@@ -57,3 +57,10 @@ def test_every_results_file_records_its_provenance_or_is_listed_as_lacking_it():
             lacking.add(path.name)
     assert lacking == listed, f"without provenance but not listed: {sorted(lacking - listed)}; " \
                               f"listed but recording it now: {sorted(listed - lacking)}"
+
+
+def test_every_benchmark_is_quoted_by_a_doc():
+    docs = "\n".join(p.read_text() for p in [*PAGES, *sorted((ROOT / "plugins").glob("*.md"))])
+    unquoted = [p.name for p in sorted((ROOT / "benchmarks").iterdir())
+                if p.is_file() and p.suffix in (".py", ".sh") and p.name not in docs]
+    assert not unquoted, f"benchmarks/ keeps only what a doc quotes; move {unquoted} to research/"
