@@ -103,12 +103,18 @@ print(json.dumps([{{"id": n["NodeID"][:12], "alive": n["Alive"],
                    "head": "node:__internal_head__" in n["Resources"]}} for n in ray.nodes()]))"""
 
 
-def cluster_nodes(address: str, env: dict[str, str]) -> list[dict] | None:
-    """The cluster's nodes as Ray's GCS knows them (id prefix, alive, head), None when it does not answer."""
-    done = subprocess.run([sys.executable, "-c", PROBE.format(address=address)], capture_output=True,
+def ask_cluster(script: str, address: str, env: dict[str, str]):
+    """What ``script`` (formatted with the address) prints last as JSON, run in a fresh driver that
+    joins the cluster (so this process never connects to Ray); None when it does not answer."""
+    done = subprocess.run([sys.executable, "-c", script.format(address=address)], capture_output=True,
                           text=True, env=env, timeout=120)
     lines = done.stdout.strip().splitlines()
     return json.loads(lines[-1]) if done.returncode == 0 and lines else None
+
+
+def cluster_nodes(address: str, env: dict[str, str]) -> list[dict] | None:
+    """The cluster's nodes as Ray's GCS knows them (id prefix, alive, head)."""
+    return ask_cluster(PROBE, address, env)
 
 
 REPLICAS = """import json, ray
@@ -125,10 +131,7 @@ print(json.dumps(states))"""
 
 def replica_states(address: str, env: dict[str, str]) -> dict[str, int] | None:
     """Replicas by state (RUNNING, STARTING, ...) as Ray Serve's controller reports them."""
-    done = subprocess.run([sys.executable, "-c", REPLICAS.format(address=address)], capture_output=True,
-                          text=True, env=env, timeout=120)
-    lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if done.returncode == 0 and lines else None
+    return ask_cluster(REPLICAS, address, env)
 
 
 def wait_for_nodes(address: str, count: int, env: dict[str, str], timeout_s: float = 120.0) -> list[dict]:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
+from research.paper.keys import MODEL, shared_weights
 from tocom.atomic import atomic_write_text
 from tocom.compensator import Compensator
-from tocom.data import load_dataset, shared_dir, write_vtab
+from tocom.data import load_dataset, write_vtab
 from tocom.finetuned import eval_transform_for, load_model
 from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, sweep, sweep_at_selected_scales
@@ -24,7 +25,6 @@ from tocom.jobs.finetune import FinetuneConfig, run_finetune
 from tocom.models import patch
 from tocom.report.provenance import provenance
 
-MODEL = "deit_tiny_patch16_224"
 GENERATED = ("count", "orientation")
 SCALES = (0.05, 0.1, 0.2, 0.3)
 
@@ -48,14 +48,7 @@ class Lab:
                  shared: str | Path | None = None, plugin: str | Path | None = None):
         """``shared``: the real weights and data (default ``$TOCOM_SHARED``); ``plugin``: the plugin to
         use for the default distillation settings, else one is distilled at the budget."""
-        self.shared = shared_dir(shared)
-        if self.shared is None:
-            raise FileNotFoundError("the experiments need the real DeiT-Tiny weights and data: pass "
-                                    "--shared DIR (laid out as ../shared) or set TOCOM_SHARED")
-        self.weights = self.shared / "weights" / f"{MODEL}.safetensors"
-        if not self.weights.is_file():
-            raise FileNotFoundError(f"the experiments need the real DeiT-Tiny weights; {self.weights} is "
-                                    "missing (pass --shared DIR or set TOCOM_SHARED)")
+        self.shared, self.weights = shared_weights(shared, "the experiments need")
         self.shipped_plugin = Path(plugin) if plugin is not None else None
         self.work = Path(work)
         self.budget = BUDGETS[budget]

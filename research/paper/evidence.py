@@ -46,13 +46,13 @@ from torch.utils.data import Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from research.paper import adaptation
-from research.paper.keys import MODEL
+from research.paper.keys import MODEL, shared_weights
 from research.paper.keys import default_device as _default_device
 from research.paper.keys import digest as _digest
 from research.paper.keys import write_json as _write_json
 from tocom.atomic import atomic_write
 from tocom.compensator import Compensator
-from tocom.data import load_dataset, shared_dir, write_vtab
+from tocom.data import load_dataset, write_vtab
 from tocom.finetuned import checkpoint_metadata, eval_transform_for, load_model
 from tocom.jobs.distill import DistillConfig, run_distill
 from tocom.jobs.evaluate import EvalRow, make_loader, select_scales, sweep
@@ -157,14 +157,7 @@ class Evidence:
         if not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
         self.name, self.p = protocol, PROTOCOLS[protocol]
-        self.shared = shared_dir(shared)
-        if self.shared is None:
-            raise FileNotFoundError("the evidence run needs the real DeiT-Tiny weights and data: pass "
-                                    "--shared DIR (laid out as ../shared) or set TOCOM_SHARED")
-        self.weights = self.shared / "weights" / f"{MODEL}.safetensors"
-        if not self.weights.is_file():
-            raise FileNotFoundError(f"the evidence run needs the real DeiT-Tiny weights; {self.weights} "
-                                    "is missing (pass --shared DIR or set TOCOM_SHARED)")
+        self.shared, self.weights = shared_weights(shared, "the evidence run needs")
         self.work = Path(work) / protocol
         self.device, self.num_workers, self.progress = device, num_workers, progress
         self.shard = shard
