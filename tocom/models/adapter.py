@@ -61,7 +61,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tocom.compress import (
@@ -74,6 +73,7 @@ from tocom.compress import (
     prune_source,
 )
 from tocom.models.blocks import CompressionConfig
+from tocom.models.sdpa import proportional_sdpa, size_bias
 from tocom.models.state import init_state
 
 FEATURES = ("per_call", "dense")
@@ -183,7 +183,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
 
     Args:
         q, k, v: (B, H, N, head_dim).
-        size: (B, N, 1) token sizes; ``log(size)`` of each key is added to the logits when given.
+        size: (B, N, 1) token sizes; ``log(size)`` of each key is added to the logits when given
+            (as a float mask or an extra q/k channel: :mod:`tocom.models.sdpa`).
         need: ``"keys"`` (ToMe: keys averaged over heads, (B, N, head_dim)), ``"cls_attn"``
             (EViT: first token's attention averaged over heads, (B, N)) or None.
         bias: additive logits broadcastable to (B, H, N, N) (e.g. relative position bias).
@@ -192,16 +193,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
     Returns:
         attention output (B, H, N, head_dim) and the metric (or None).
     """
-    if size is not None:
-        log_size = size.log()[:, None, None, :, 0].to(q.dtype)
-        bias = log_size if bias is None else bias + log_size
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    out = proportional_sdpa(q, k, v, size, bias, dropout_p, scale)
     metric = None
     if need == "keys":
         metric = k.mean(1)
     elif need == "cls_attn":
         s = q.shape[-1] ** -0.5 if scale is None else scale
         logits = (q[:, :, :1] * s) @ k.transpose(-2, -1)  # (B, H, 1, N): only the class token's row
+        if size is not None:
+            bias = size_bias(size, bias, q.dtype)
         if bias is not None:
             logits = logits + bias[..., :1, :]
         metric = logits.softmax(dim=-1).mean(1)[:, 0]

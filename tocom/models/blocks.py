@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tocom.compress import (
@@ -23,6 +22,7 @@ from tocom.compress import (
     prune_plan,
     prune_source,
 )
+from tocom.models.sdpa import proportional_sdpa, size_bias
 
 COMPRESSION_METHODS = ("tome", "evit")
 MODES = ("standard", "dense")
@@ -78,7 +78,8 @@ def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need:
     Args:
         attn: a timm ``Attention`` module.
         x: (B, N, C) normalised tokens.
-        size: (B, N, 1) token sizes; adds ``log(size)`` of each key to the logits when given.
+        size: (B, N, 1) token sizes; adds ``log(size)`` of each key to the logits when given (as a
+            float mask or an extra q/k channel: :mod:`tocom.models.sdpa`).
         need: ``"keys"`` (ToMe metric: keys averaged over heads, (B, N, head_dim)),
             ``"cls_attn"`` (EViT metric: class-token attention averaged over heads, (B, N)) or None.
         qv: (dq, dv), each (B, N, attn_dim), added to q and v before the q/k norms, or None.
@@ -95,18 +96,15 @@ def attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, need:
         q = q + qv[0].reshape(heads).transpose(1, 2).to(q.dtype)
         v = v + qv[1].reshape(heads).transpose(1, 2).to(v.dtype)
     q, k = _call(attn.q_norm, q), _call(attn.k_norm, k)
-    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )
+    out = proportional_sdpa(q, k, v, size, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     metric = None
     if need == "keys":
         metric = k.mean(1)
     elif need == "cls_attn":
         # Only the class token's row: (B, H, 1, N), never the full N x N matrix.
         logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
+        if size is not None:
+            logits = logits + size_bias(size, None, q.dtype)
         metric = logits.softmax(dim=-1).mean(1)[:, 0]
     out = out.transpose(1, 2).reshape(batch, n, -1)
     out = _call(attn.norm, out)
