@@ -23,10 +23,14 @@ class Compensator(CompensatorBank):
 
     @classmethod
     def init_for(cls, model: nn.Module, groups: int = 16, rank: int = 2, scale: float = 0.1,
-                 method: str = "tome", variant: str = "standard", arch: str | None = None,
+                 method: str | None = None, variant: str = "standard", arch: str | None = None,
                  mode: str = "standard") -> Compensator:
         """A fresh plugin shaped for ``model`` (any supported family, recorded in ``spec.family``);
-        ``mode`` is the compression mode it serves."""
+        ``method`` is the compression it compensates (None: the one ``model`` is patched for, else
+        ``"tome"``), ``mode`` the compression mode it serves."""
+        if method is None:
+            config = getattr(model, "_tocom", None)
+            method = config.method if config is not None else "tome"
         return cls(spec_for(model, groups=groups, rank=rank, scale=scale, method=method,
                             variant=variant, arch=arch, mode=mode))
 

@@ -97,7 +97,7 @@ class DistillConfig:
     checkpoint: str | None = None
     pretrained: bool = False
     # the plugin
-    method: str = "tome"  # the compression it compensates: "tome" or "evit"
+    method: str = "tome"  # the compression it compensates: one of tocom.models.COMPRESSION_METHODS
     mode: str = "standard"  # or "dense" (segmentation: L1 on every token's features)
     max_r: int = 16
     groups: int | None = None  # None: max_r groups, one per unit of degree

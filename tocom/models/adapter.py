@@ -52,8 +52,9 @@ The contract, the hooks a family must provide:
 
 Inside a block forward a family computes its own q, k, v and calls the shared pieces here:
 :func:`attend` (SDPA with proportional attention and the reduction metric), :func:`add_qv` (the
-per-call delta) and :func:`reduce` (ToMe merge or EViT prune through :mod:`tocom.compress`,
-carrying any extra per-token tensor such as positions as a size-weighted mean).
+per-call delta) and :func:`reduce` (ToMe, PiToMe or ToFu merge, or EViT prune, through
+:mod:`tocom.compress`, carrying any extra per-token tensor such as positions as a size-weighted
+mean); PiToMe and ToFu follow the block's depth, so a family passes ``layer=`` to it.
 """
 
 from __future__ import annotations
@@ -63,16 +64,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tocom.compress import (
-    ViTDims,
-    bipartite_matching,
-    merge_source,
-    merge_wavg,
-    prune,
-    prune_plan,
-    prune_source,
-)
-from tocom.models.blocks import CompressionConfig
+from tocom.compress import ViTDims
+from tocom.models.blocks import CompressionConfig, metric_for, reduce_tokens
 from tocom.models.sdpa import proportional_sdpa, size_bias
 from tocom.models.state import init_state
 
@@ -210,12 +203,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
 
 def need_for(config: CompressionConfig, r: int) -> str | None:
     """Which metric :func:`attend` must return for a block removing ``r`` tokens."""
-    return None if r == 0 else ("keys" if config.method == "tome" else "cls_attn")
+    return metric_for(config, r)
 
 
 def reduce(x: torch.Tensor, metric: torch.Tensor | None, r: int, size: torch.Tensor | None,
            source: torch.Tensor | None, num_prefix: int, config: CompressionConfig,
-           modulator=None, extra: torch.Tensor | None = None):
+           modulator=None, extra: torch.Tensor | None = None, layer: int | None = None):
     """Remove ``r`` tokens by the configured method (standard mode).
 
     Args:
@@ -225,28 +218,12 @@ def reduce(x: torch.Tensor, metric: torch.Tensor | None, r: int, size: torch.Ten
         extra: (B, N, E) per-token values (e.g. positions) that are reduced exactly like the
             features: a size-weighted mean over a merge (EViT's fused token: weighted like its
             features), or None.
+        layer: the block's index (0-based); PiToMe and ToFu need it.
 
     Returns:
         ``(x, size, source, extra)`` each with N - r tokens (None stays None).
     """
-    if r == 0:
-        return x, size, source, extra
-    if config.method == "tome":
-        plan = bipartite_matching(metric, r, num_prefix)
-        if source is not None:
-            source = merge_source(plan, source)
-        if extra is not None:
-            extra = merge_wavg(plan, extra, size)[0]
-        x, size = merge_wavg(plan, x, size, modulator)
-    else:
-        plan = prune_plan(metric, r, num_prefix, fuse=config.fuse)
-        if source is not None:
-            source = prune_source(plan, source)
-        # Under proportional attention the class attention already counts each token's size.
-        if extra is not None:
-            extra = prune(plan, extra, size, attn_includes_size=config.prop_attn)[0]
-        x, size = prune(plan, x, size, attn_includes_size=config.prop_attn)
-    return x, size, source, extra
+    return reduce_tokens(x, metric, r, size, source, num_prefix, config, layer, modulator, extra)
 
 
 class SizedPoolMixin:

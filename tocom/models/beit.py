@@ -77,7 +77,7 @@ def beit_block(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, r: in
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(*h.shape[:2], -1)))
     x = x + blk.drop_path1(out if blk.gamma_1 is None else blk.gamma_1 * out)
     x, size, source, _ = reduce(x, metric, r, size, source, num_prefix, config,
-                                getattr(blk, "merge_modulator", None))
+                                getattr(blk, "merge_modulator", None), layer=layer)
     out = blk.mlp(blk.norm2(x))
     return x + blk.drop_path2(out if blk.gamma_2 is None else blk.gamma_2 * out), size, source
 

@@ -18,13 +18,22 @@ from tocom.compress import (
     dense_unmerge,
     merge_source,
     merge_wavg,
+    pitome_block_plan,
+    pitome_source,
+    pitome_wavg,
     prune,
     prune_plan,
     prune_source,
+    tofu_merges,
+    tofu_prune,
+    tofu_reduce,
 )
 from tocom.models.sdpa import proportional_sdpa, size_bias
 
-COMPRESSION_METHODS = ("tome", "evit")
+# tome: ToMe merging; evit: EViT pruning; pitome: PiToMe energy-ranked merging; tofu: ToFu (prune
+# early, MLERP merge late). See tocom.compress for each rule and its paper.
+COMPRESSION_METHODS = ("tome", "evit", "pitome", "tofu")
+DEPTH_AWARE = ("pitome", "tofu")  # methods whose rule depends on the block's relative depth
 MODES = ("standard", "dense")
 
 # Per-forward low-rank additions to q and v (a live compensator): (layer, normalised tokens
@@ -62,6 +71,7 @@ class CompressionConfig:
     trace_source: bool = False
     fuse: bool = False  # EViT: fuse pruned tokens into one
     mode: str = "standard"  # dense: merge before each MLP, unmerge after it (full-length outputs)
+    depth: int = 0  # blocks of the patched model (PiToMe's margin and ToFu's switch follow l / depth)
 
 
 def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +142,7 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
     Returns:
         tokens (B, N - r, C), sizes (B, N - r, 1) or None, source (B, N - r, N0) or None.
     """
-    need = None if r == 0 else ("keys" if config.method == "tome" else "cls_attn")
+    need = metric_for(config, r)
     attn_size = size if config.prop_attn else None
     h = blk.norm1(x)
     out, metric = attention(blk.attn, h, attn_size, need, None if qv_delta is None else qv_delta(layer, h))
@@ -145,18 +155,69 @@ def block_forward(blk: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | 
         merged, _ = merge_wavg(plan, x, size, getattr(blk, "merge_modulator", None))
         y = _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(merged))))  # the MLP on N - r tokens
         return x + dense_unmerge(plan, y, x.shape[1]), size, source
-    if r > 0:
-        if config.method == "tome":
-            plan = bipartite_matching(metric, r, num_prefix)
-            if source is not None:
-                source = merge_source(plan, source)
-            # A PYRA-style modulator (tocom.pyra) rewrites the sources inside the merge.
-            x, size = merge_wavg(plan, x, size, getattr(blk, "merge_modulator", None))
-        else:
-            plan = prune_plan(metric, r, num_prefix, fuse=config.fuse)
-            if source is not None:
-                source = prune_source(plan, source)
-            # Under proportional attention the class attention already counts each token's size.
-            x, size = prune(plan, x, size, attn_includes_size=attn_size is not None)
+    # A PYRA-style modulator (tocom.pyra) rewrites the sources inside a ToMe merge.
+    x, size, source, _ = reduce_tokens(x, metric, r, size, source, num_prefix, config, layer,
+                                       getattr(blk, "merge_modulator", None))
     x = x + _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x))))
     return x, size, source
+
+
+def metric_for(config: CompressionConfig, r: int) -> str | None:
+    """The metric a block removing ``r`` tokens needs from attention: ``"cls_attn"`` for EViT,
+    ``"keys"`` for the merging rules (ToMe, PiToMe, ToFu), None when it removes nothing."""
+    return None if r == 0 else ("cls_attn" if config.method == "evit" else "keys")
+
+
+def reduce_tokens(x: torch.Tensor, metric: torch.Tensor | None, r: int, size: torch.Tensor | None,
+                  source: torch.Tensor | None, num_prefix: int, config: CompressionConfig,
+                  layer: int | None = None, modulator=None, extra: torch.Tensor | None = None):
+    """Remove ``r`` tokens by the configured method (standard mode); every family calls this.
+
+    Args:
+        x: (B, N, C) tokens; size (B, N, 1) or None; source (B, N, N0) or None.
+        metric: what :func:`metric_for` asked attention for: keys (B, N, head_dim) or class
+            attention (B, N).
+        layer: this block's index (0-based); PiToMe and ToFu need it (with ``config.depth``).
+        modulator: a PYRA merge modulator (ToMe only) or None.
+        extra: (B, N, E) per-token values (e.g. positions) reduced like the features: a size-weighted
+            mean over a merge (EViT's fused token: weighted like its features; a ToFu pruning step:
+            the destination's own), or None.
+
+    Returns:
+        ``(x, size, source, extra)`` each with N - r tokens (None stays None).
+    """
+    if r == 0:
+        return x, size, source, extra
+    method = config.method
+    if method in DEPTH_AWARE and (layer is None or config.depth < 1):
+        raise ValueError(f"{method} follows the block's depth: pass layer= to the reduction and patch "
+                         "with tocom.patch, which records the model's depth")
+    if method == "evit":
+        plan = prune_plan(metric, r, num_prefix, fuse=config.fuse)
+        if source is not None:
+            source = prune_source(plan, source)
+        # Under proportional attention the class attention already counts each token's size.
+        if extra is not None:
+            extra = prune(plan, extra, size, attn_includes_size=config.prop_attn)[0]
+        x, size = prune(plan, x, size, attn_includes_size=config.prop_attn)
+    elif method == "pitome":
+        plan = pitome_block_plan(metric, r, num_prefix, layer, config.depth)
+        if source is not None:
+            source = pitome_source(plan, source)
+        if extra is not None:
+            extra = pitome_wavg(plan, extra, size)[0]
+        x, size = pitome_wavg(plan, x, size)
+    else:  # tome, tofu: bipartite soft matching
+        plan = bipartite_matching(metric, r, num_prefix)
+        if source is not None:
+            source = merge_source(plan, source)
+        if method == "tome":
+            if extra is not None:
+                extra = merge_wavg(plan, extra, size)[0]
+            x, size = merge_wavg(plan, x, size, modulator)
+        else:
+            merges = tofu_merges(layer, config.depth)
+            if extra is not None:  # positions: averaged where features merge, the destination's otherwise
+                extra = merge_wavg(plan, extra, size)[0] if merges else tofu_prune(plan, extra)
+            x, size = tofu_reduce(plan, x, size, merges)
+    return x, size, source, extra

@@ -126,7 +126,7 @@ def eva_block(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, r: int
         out = blk.gamma_1 * out
     x = x + blk.drop_path1(out)
     x, size, source, coords = reduce(x, metric, r, size, source, num_prefix, config,
-                                     getattr(blk, "merge_modulator", None), coords)
+                                     getattr(blk, "merge_modulator", None), coords, layer=layer)
     if post:
         return x + blk.drop_path2(blk.norm2(blk.mlp(x))), size, source, coords
     out = blk.mlp(blk.norm2(x))

@@ -98,14 +98,14 @@ def hf_attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, ne
 
 
 def hf_layer(layer: nn.Module, x: torch.Tensor, r: int, size: torch.Tensor | None,
-             source: torch.Tensor | None, num_prefix: int, config: CompressionConfig):
-    """One HF ViT layer removing ``r`` tokens after attention. Returns ``(x, size, source)``."""
+             source: torch.Tensor | None, num_prefix: int, config: CompressionConfig, index: int):
+    """HF ViT layer ``index`` removing ``r`` tokens after attention. Returns ``(x, size, source)``."""
     norm1, attn, drop1, ls1, norm2, drop2, ls2 = _parts(layer)
     out, metric = hf_attention(attn, norm1(x), size if config.prop_attn else None, need_for(config, r))
     out = ls1(out) if ls1 is not None else out
     x = (drop1(out) if drop1 is not None else out) + x
     x, size, source, _ = reduce(x, metric, r, size, source, num_prefix, config,
-                                getattr(layer, "merge_modulator", None))
+                                getattr(layer, "merge_modulator", None), layer=index)
     out = layer.mlp(norm2(x))
     out = ls2(out) if ls2 is not None else out
     return (drop2(out) if drop2 is not None else out) + x, size, source
@@ -133,8 +133,8 @@ class CompressedOwnerMixin(CompressedMixin):
             state = TokenState(None, None, npt, self.effective_schedule(n))
             if config.trace_source:
                 state.source = initial_source(batch, n, x.device, x.dtype)
-            for layer, r in zip(_layers(self), state.schedule):
-                x, state.size, state.source = hf_layer(layer, x, r, state.size, state.source, npt, config)
+            for i, (layer, r) in enumerate(zip(_layers(self), state.schedule)):
+                x, state.size, state.source = hf_layer(layer, x, r, state.size, state.source, npt, config, i)
                 state.tokens.append(x.shape[1])
         self.last_state = state  # for inspection only (the latest forward of any thread)
         return x, state

@@ -79,7 +79,10 @@ def patch(model: nn.Module, method: str = "tome", *, prop_attn: bool = True,
 
     Args:
         model: a model of any supported family (patched in place; see :func:`supported_families`).
-        method: ``"tome"`` (merge similar tokens) or ``"evit"`` (prune inattentive ones).
+        method: ``"tome"`` (merge similar tokens), ``"evit"`` (prune inattentive ones), ``"pitome"``
+            (merge the most redundant tokens by energy, protect the rest) or ``"tofu"`` (prune matched
+            tokens in early blocks, merge them norm-preservingly in later ones); see
+            :mod:`tocom.compress` for each rule and its paper.
         mode: ``"standard"`` (tokens removed stay removed) or ``"dense"`` (ToMe only: each block
             merges r of its full-length input before the MLP and unmerges the MLP's output, so
             every patch keeps its own output token, for dense prediction; timm ViTs only for now).
@@ -94,9 +97,12 @@ def patch(model: nn.Module, method: str = "tome", *, prop_attn: bool = True,
         raise ValueError(f"method must be one of {COMPRESSION_METHODS}, got {method!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "dense" and method != "tome":
-        raise ValueError(f"dense mode merges tokens and unmerges them after each MLP; {method} prunes "
+    if mode == "dense" and method == "evit":
+        raise ValueError("dense mode merges tokens and unmerges them after each MLP; evit prunes "
                          "tokens, which cannot be unmerged: use method='tome'")
+    if mode == "dense" and method != "tome":
+        raise ValueError(f"dense mode unmerges ToMe's merge plan after each MLP and has no {method} "
+                         f"version: use method='tome', or mode='standard' for {method}")
     adapter = adapter_for(model)
     if not is_patched(model):
         adapter.check(model)
@@ -106,8 +112,8 @@ def patch(model: nn.Module, method: str = "tome", *, prop_attn: bool = True,
         raise ValueError("EViT ranks tokens by class-token attention; this model has no class token")
     if method != "tome" and any(hasattr(blk, "merge_modulator") for blk in adapter.blocks(model)):
         raise ValueError("this model has PYRA modulators, which only act on ToMe merges; "
-                         "call tocom.pyra.remove_pyra(model) before patching it for EViT")
-    config = CompressionConfig(method, prop_attn, trace_source, fuse, mode)
+                         f"call tocom.pyra.remove_pyra(model) before patching it for {method}")
+    config = CompressionConfig(method, prop_attn, trace_source, fuse, mode, adapter.dims(model).depth)
     if is_patched(model):
         hooks = plugin_hooks(model)
         if hooks is not None and hooks.method != method:
