@@ -4,7 +4,8 @@ For each: r = 0 is bit-identical, unpatch restores exactly, a compensator attach
 detaches exactly, forwards hold the state lock, and (for one model per family) r > 0 matches a naive
 image-by-image reference written here from the documented rules, with merging from
 tests/reference_tome.py. Eva and Beit also take a per-call degree and a per-call q/v delta (so they
-can be distilled); the Hugging Face family refuses both, and every new family refuses dense mode.
+can be distilled; the Hugging Face family's are tested in tests/test_hf_percall.py), and every new
+family refuses dense mode.
 """
 
 from __future__ import annotations
@@ -162,17 +163,6 @@ def test_per_call_degree_and_explicit_sizes(name):
     torch.testing.assert_close(model.forward_head(tokens, size=state.size), at2)
     with pytest.raises(ValueError, match="needs their sizes"):
         model.forward_head(tokens)
-
-
-@pytest.mark.parametrize("name", HF)
-def test_hf_refuses_what_it_lacks(name):
-    model, x = build(name), images()
-    plugin = Compensator.init_for(model, groups=2)
-    with pytest.raises(ValueError, match="distillation.*hf-vit"):
-        DistillObjective(model, plugin, max_r=2)
-    tocom.patch(model)
-    with pytest.raises(ValueError, match="per-call degree"):
-        model(pixel_values=x, r=2)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

@@ -27,7 +27,7 @@ from torch import nn
 
 from tocom.compensator.bank import CompensatorBank
 from tocom.compensator.fit import check_fits, check_mode
-from tocom.models import is_patched, patch, require_feature
+from tocom.models import dims_of, is_patched, patch, require_feature
 
 
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,10 @@ def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def teacher_logits(model: nn.Module, images: torch.Tensor, source: int, batch_size: int = 64,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """``(N, classes)`` float32 logits of ``model`` at degree ``source`` for ``images`` ``(N, 3, H, W)``."""
-    out = [model(images[i:i + batch_size].to(device), r=source).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        tokens, state = model.forward_tokens(images[i:i + batch_size].to(device), r=source)
+        out.append(model.forward_head(tokens, size=state.size).float().cpu())
     return torch.cat(out)
 
 
@@ -58,7 +60,7 @@ class AdaptObjective(nn.Module):
         require_feature(model, "per_call", "plugin adaptation (a per-call q/v delta)")
         check_fits(plugin.spec, model)
         plugin.check_degree(source)
-        if getattr(model, "num_classes", 0) == 0:
+        if dims_of(model).num_classes == 0:
             raise ValueError("adaptation distils the model's logits, and this model has no head; "
                              "load the fine-tuned classifier")
         if not is_patched(model):

@@ -50,6 +50,9 @@ class PluginSpec:
     # Empty for a universal plugin; for one adapted to a fine-tuned model (tocom.adapt): that model's
     # checkpoint and weights fingerprint, its source degree, the images and the recipe.
     adapted: dict = field(default_factory=dict)
+    # Protected leading tokens (class, distillation, registers) of the model it was trained on;
+    # None in files written before it was recorded.
+    num_prefix: int | None = None
 
     @property
     def max_degree(self) -> int:
@@ -108,6 +111,10 @@ def _field_problem(name: str, value) -> str | None:
             return "not an integer"
         if not 1 <= value <= _INT_FIELDS[name]:
             return f"outside 1..{_INT_FIELDS[name]}"
+    elif name == "num_prefix":
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if value is not None and not (integer and 0 <= value <= 1024):
+            return "not null or an integer in 0..1024"
     elif name == "scale":
         if not _is_finite(value):
             return "not a finite number"

@@ -87,8 +87,9 @@ class DistillObjective(nn.Module):
             if features:
                 tokens, state = self.model.forward_tokens(images, r=src)
                 teacher = self.model.forward_head(tokens, pre_logits=True, size=state.size)
-            else:
-                teacher = self.model(images, r=src)
+            else:  # not model(images): a Hugging Face model's call returns its output type, not logits
+                tokens, state = self.model.forward_tokens(images, r=src)
+                teacher = self.model.forward_head(tokens, size=state.size)
         tokens, state = self.model.forward_tokens(images, r=tgt, qv_delta=self.plugin.live_delta(src, tgt))
         student = self.model.forward_head(tokens, pre_logits=features, size=state.size)
         if features:

@@ -22,7 +22,8 @@ The contract, the hooks a family must provide:
       and compensator distillation need it.
     - ``"dense"``: ``patch(model, mode="dense")`` (merge before each MLP, unmerge after).
 
-    Today: ``timm-vit`` has both, ``timm-eva`` and ``timm-beit`` have ``per_call``, ``hf-vit`` neither.
+    Today: ``timm-vit`` has both; ``timm-eva``, ``timm-beit`` and ``hf-vit`` have ``per_call``
+    (``hf-vit`` in Hugging Face's calling convention: ``model(pixel_values, r=t)`` returns HF's output).
 ``claims(model) -> bool``
     cheap recognition (class, or for optional libraries the class's module name, so that the
     core never imports them); the first adapter that claims a model serves it.
