@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -13,10 +14,14 @@ from tocom.models import COMPRESSION_METHODS, dims_of, patch, unpatch
 from tocom.report.cli import add_parser as add_report_parser
 from tocom.serve.cli import add_parser as add_serve_parser
 
+MODEL_HELP = ("timm model name, e.g. deit_tiny_patch16_224, or hf:PATH: a transformers save_pretrained "
+              "folder or hub id (the hub only without HF_HUB_OFFLINE)")
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
-    p.add_argument("--checkpoint", help="local weights: .safetensors or .pth (loaded with weights_only)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--checkpoint", help="local weights: .safetensors or .pth (loaded with weights_only); for "
+                                        "hf:PATH a tocom finetune output of that model")
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
 
 
@@ -32,10 +37,23 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
 
 def _load(args: argparse.Namespace):
     from tocom.finetuned import load_model
+    from tocom.models.hf_load import is_hf
 
+    if is_hf(args.model):
+        from tocom.peft.hf import load_finetuned_hf
+
+        refuse_pretrained(args)
+        return load_finetuned_hf(args.model, args.checkpoint)
     # Each command patches and sets r itself (bench also times an unpatched copy), so a fine-tuned
     # model comes back unpatched; its PYRA modulators stay in its blocks for the next patch().
     return unpatch(load_model(args.model, args.checkpoint, pretrained=args.pretrained)).eval()
+
+
+def refuse_pretrained(args: argparse.Namespace) -> None:
+    """--pretrained is timm's download; an hf: model brings its own weights."""
+    if getattr(args, "pretrained", False):
+        raise ValueError(f"--pretrained downloads timm weights; {args.model} already holds its weights, "
+                         "drop --pretrained")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -45,8 +63,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     model = _load(args)
     dims = dims_of(model)
     schedules = [parse_schedule(r, dims) for r in args.r]
+    # timm models know their input size; an hf: model's is its config's image_size (the patch grid)
+    img_size = dims.patch_size * math.isqrt(dims.num_patches) if args.model.startswith("hf:") else None
     rows = bench(model, schedules, args.method, args.batch_size, args.device, rounds=args.rounds,
-                 progress=not args.json)
+                 img_size=img_size, progress=not args.json)
     print(json_lines(r.as_dict() for r in rows) if args.json else format_table([r.as_dict() for r in rows]))
 
 
@@ -59,11 +79,17 @@ def cmd_delta(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
+    from tocom.models.hf_load import hf_preprocessing, is_hf
     from tocom.report.visualize import visualize
 
+    record = None
+    if is_hf(args.model):
+        from tocom.finetuned import checkpoint_metadata
+
+        record = hf_preprocessing(args.model, checkpoint_metadata(args.checkpoint) if args.checkpoint else {})
     model = patch(_load(args), args.method, trace_source=True)
     model.r = parse_schedule(args.r, dims_of(model))
-    print(f"wrote {visualize(model, args.image, args.out)}")
+    print(f"wrote {visualize(model, args.image, args.out, record)}")
 
 
 def job_config(cls: type, args: argparse.Namespace, **given):
@@ -104,6 +130,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from tocom.train import distributed
 
     if args.task == "segmentation":
+        if args.model.startswith("hf:"):
+            raise ValueError("segmentation fine-tuning is not supported for hf: models (its decoder reads "
+                             "timm features); fine-tune the timm port of the model")
         cmd_finetune_segmentation(args)
         return
     config = job_config(FinetuneConfig, args, lora_targets=tuple(args.lora_targets))  # "qv" -> q, v
@@ -201,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("adapt", help="adapt a universal plugin to one fine-tuned model, without labels")
-    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--checkpoint", required=True, help="the tocom finetune checkpoint to adapt to")
     p.add_argument("--plugin", required=True, help="the universal plugin to start from")
     p.add_argument("--data", required=True,
@@ -249,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainval: VTAB-1k final runs (no validation); train: validate on val")
     p.add_argument("--val-every", type=int, help="epochs between validations (default: epochs / 10)")
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="tome",
-                   help="reduce tokens by merging (tome) or pruning (evit) while fine-tuning")
+                   help="token reduction while fine-tuning: merging (tome, pitome, tofu) or pruning (evit)")
+    p.add_argument("--out-format", choices=["tocom", "hf"], default="tocom",
+                   help="hf: --out is a transformers save_pretrained folder (hf: models, full or lora)")
     _add_run_args(p, "finetuned.safetensors")
     p.set_defaults(func=cmd_finetune)
 
@@ -290,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="picture of which patches merged into which token")
     p.add_argument("image")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--checkpoint")
     p.add_argument("--pretrained", action="store_true")
     p.add_argument("--method", choices=COMPRESSION_METHODS, default="tome")

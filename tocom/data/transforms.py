@@ -128,12 +128,21 @@ def preprocessing_record(resize: str, model_or_cfg: ModelOrCfg, img_size: int | 
 
 
 def transform_from_record(record: Mapping[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """The transform a :func:`preprocessing_record` describes: PIL RGB -> ``(3, size, size)`` tensor."""
+    """The transform a :func:`preprocessing_record` describes: PIL RGB -> ``(3, size, size)`` tensor.
+
+    A record may also name ``resize_size`` (an int): the side the image is first resized to, both
+    sides (``squash``) or the shorter one (``crop``), before a centre crop to ``size`` whose offset
+    is rounded down (Hugging Face image processors' convention; see :func:`hf_record`).
+    """
     missing = {"resize", "size", "interpolation", "crop_pct", "mean", "std"} - set(record)
     if missing or record["resize"] not in RESIZES:
         raise ValueError(f"not a preprocessing record (missing {sorted(missing)}, or resize not in "
                          f"{RESIZES}): {dict(record)}")
     mean, std = tuple(record["mean"]), tuple(record["std"])
+    if record.get("resize_size") is not None:
+        resize = ResizeCrop(record["resize"], int(record["resize_size"]), int(record["size"]),
+                            record["interpolation"])
+        return T.Compose([resize, T.ToTensor(), T.Normalize(mean, std)])
     if record["resize"] == "crop":
         return create_transform(input_size=int(record["size"]), is_training=False,
                                 interpolation=record["interpolation"], crop_pct=float(record["crop_pct"]),
@@ -141,6 +150,91 @@ def transform_from_record(record: Mapping[str, Any]) -> Callable[[Any], torch.Te
     mode = T.InterpolationMode(record["interpolation"])
     return T.Compose([T.Resize((int(record["size"]),) * 2, interpolation=mode), T.ToTensor(),
                       T.Normalize(mean, std)])
+
+
+_PIL_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                 "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+                 "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+# Pillow's resample codes, as Hugging Face image processors record them (``"resample": 3``).
+HF_RESAMPLE = {int(code): name for name, code in _PIL_RESAMPLE.items()}
+
+
+class ResizeCrop:
+    """Resize (both sides to ``resize_size``, or the shorter side keeping the aspect ratio), then a
+    centre crop to ``size`` with offsets rounded down: PIL image -> PIL image of ``size x size``."""
+
+    def __init__(self, resize: str, resize_size: int, size: int, interpolation: str) -> None:
+        if interpolation not in _PIL_RESAMPLE:
+            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of "
+                             f"{sorted(_PIL_RESAMPLE)}")
+        if resize_size < size:
+            raise ValueError(f"resize_size {resize_size} is below the crop size {size}; a crop cannot grow")
+        self.resize, self.resize_size, self.size = resize, resize_size, size
+        self.resample = _PIL_RESAMPLE[interpolation]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if self.resize == "squash":
+            width = height = self.resize_size
+        elif width <= height:  # the shorter side becomes resize_size; the longer keeps the ratio
+            width, height = self.resize_size, int(self.resize_size * height / width)
+        else:
+            width, height = int(self.resize_size * width / height), self.resize_size
+        if (width, height) != image.size:
+            image = image.resize((width, height), resample=self.resample, reducing_gap=None)
+        top, left = (height - self.size) // 2, (width - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self) -> str:
+        return f"ResizeCrop({self.resize}, resize_size={self.resize_size}, size={self.size})"
+
+
+def hf_record(processor: Mapping[str, Any], source: str = "the image processor") -> dict[str, Any]:
+    """A preprocessing record from a Hugging Face ``preprocessor_config.json`` (ViT, DeiT, BiT, CLIP,
+    SigLIP, DINOv2 image processors): the same pixels without importing ``transformers``.
+
+    ``size`` ``{"height", "width"}`` squashes to that side, ``{"shortest_edge"}`` resizes the shorter
+    side; ``do_center_crop`` then crops to ``crop_size``. Pixels are rescaled by 1/255 and
+    normalised by ``image_mean`` / ``image_std`` (0 and 1 when ``do_normalize`` is false).
+    Anything the record cannot express exactly (non-square sizes, another rescale factor) is refused.
+    """
+    def side(value: Any, what: str) -> tuple[str, int]:
+        if isinstance(value, int):
+            return "squash", value
+        if isinstance(value, Mapping) and set(value) == {"height", "width"}:
+            if value["height"] != value["width"]:
+                raise ValueError(f"{source}: {what} {dict(value)} is not square; tocom feeds square images")
+            return "squash", int(value["height"])
+        if isinstance(value, Mapping) and set(value) == {"shortest_edge"}:
+            return "crop", int(value["shortest_edge"])
+        raise ValueError(f"{source}: {what} {value!r} is neither {{height, width}} nor {{shortest_edge}}; "
+                         "give the preprocessing with tocom's --resize or re-save the processor")
+
+    resize, resize_size = side(processor.get("size", {"height": 224, "width": 224}), "size")
+    if processor.get("do_resize", True) is False:
+        raise ValueError(f"{source}: do_resize is false, so image sizes would vary; set it true")
+    size = resize_size
+    if processor.get("do_center_crop", False):
+        size = side(processor.get("crop_size", resize_size), "crop_size")[1]
+    elif resize == "crop":
+        raise ValueError(f"{source}: a shortest_edge resize without do_center_crop gives non-square images; "
+                         "set do_center_crop with a crop_size")
+    factor = processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0
+    if abs(float(factor) * 255 - 1) > 1e-6:
+        raise ValueError(f"{source}: rescale_factor {factor} is not 1/255 (do_rescale true); tocom reads "
+                         "pixels as 0..1")
+    resample = processor.get("resample", 2)
+    if resample not in HF_RESAMPLE:
+        raise ValueError(f"{source}: resample {resample!r} is not a Pillow code {sorted(HF_RESAMPLE)}")
+    normalize = processor.get("do_normalize", True)
+    mean = processor.get("image_mean", [0.5] * 3) if normalize else [0.0] * 3
+    std = processor.get("image_std", [0.5] * 3) if normalize else [1.0] * 3
+    mean, std = ([float(x)] * 3 if isinstance(x, (int, float)) else [float(v) for v in x]
+                 for x in (mean, std))
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{source}: image_mean and image_std need 3 values (RGB), got {mean}, {std}")
+    return {"resize": resize, "size": size, "resize_size": resize_size,
+            "interpolation": HF_RESAMPLE[resample], "crop_pct": size / resize_size, "mean": mean, "std": std}
 
 
 def _posterize_zero_safe(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

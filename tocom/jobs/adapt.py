@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 from tocom.atomic import atomic_write
 from tocom.compensator import Compensator, check_fits, is_attached
 from tocom.compensator.adapt import AdaptObjective, teacher_logits
+from tocom.data import transform_from_record
 from tocom.data._io import IMG_EXTENSIONS, find_images, load_rgb
 from tocom.finetuned import checkpoint_metadata, eval_transform_for, load_model, source_degree
-from tocom.models import weights_fingerprint
+from tocom.models import require_feature, weights_fingerprint
+from tocom.models.hf_load import hf_preprocessing, is_hf
 from tocom.report.provenance import sha256_file
 from tocom.train import distributed
 from tocom.train.config import TrainConfig
@@ -224,10 +226,18 @@ def run_adapt(model_name: str, checkpoint: str | Path, plugin_file: str | Path, 
         raise ValueError(f"{plugin_file} compensates {plugin.spec.method} but {checkpoint} was fine-tuned "
                          f"with {compression}; use a {compression} plugin "
                          f"(tocom distill --method {compression})")
-    model = load_model(model_name, checkpoint).eval()
+    if is_hf(model_name):
+        from tocom.peft.hf import load_finetuned_hf
+
+        model = load_finetuned_hf(model_name, str(checkpoint))
+        require_feature(model, "per_call", "plugin adaptation (a per-call q/v delta)")
+        transform = transform_from_record(hf_preprocessing(model_name, meta))
+    else:
+        model = load_model(model_name, checkpoint).eval()
+        transform = eval_transform_for(checkpoint, model)
     check_fits(plugin.spec, model)  # before any image is decoded
     plugin.check_degree(source)
-    images, files = decode_folder(data, eval_transform_for(checkpoint, model), config.progress)
+    images, files = decode_folder(data, transform, config.progress)
     record = {"checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),
               "base_plugin": Path(plugin_file).name, "base_plugin_sha256": sha256_file(plugin_file),
               "images_sha256": image_list_sha256(data, files)}

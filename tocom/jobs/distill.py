@@ -19,9 +19,10 @@ from torch.utils.data import Dataset
 
 from tocom.atomic import atomic_write
 from tocom.compensator import Compensator, DistillObjective
-from tocom.data import ImageFiles, eval_transform, train_transform
+from tocom.data import ImageFiles, eval_transform, train_transform, transform_from_record
 from tocom.jobs.evaluate import make_loader
-from tocom.models import patch
+from tocom.models import patch, require_feature
+from tocom.models.hf_load import hf_preprocessing, is_hf
 from tocom.models.loading import create_model
 from tocom.train import distributed
 from tocom.train.config import TrainConfig, lr_per_512
@@ -146,8 +147,15 @@ def run_distill(config: DistillConfig) -> tuple[Compensator, dict]:
     lr = c.lr
     if lr is None:
         lr = lr_per_512(p.lr_per_512, batch_size * distributed.world_size()) if p.lr_per_512 else p.lr
-    model = patch(create_model(c.model_name, c.checkpoint, pretrained=c.pretrained).eval(), c.method,
-                  mode=c.mode)
+    if is_hf(c.model_name):
+        model, record = _hf_model(c)
+        train_tf = train_transform(p.augment, img_size=record["size"], mean=tuple(record["mean"]),
+                                   std=tuple(record["std"]))
+        eval_tf = transform_from_record(record)
+    else:
+        model = create_model(c.model_name, c.checkpoint, pretrained=c.pretrained).eval()
+        train_tf, eval_tf = train_transform(p.augment, model_or_cfg=model), eval_transform(model)
+    model = patch(model, c.method, mode=c.mode)
     groups = c.groups or c.max_r
     if c.max_r > groups:
         raise ValueError(f"--max-r {c.max_r} needs at least that many groups, got --groups {groups}")
@@ -155,8 +163,7 @@ def run_distill(config: DistillConfig) -> tuple[Compensator, dict]:
     plugin = Compensator.init_for(model, groups=groups, rank=c.rank, scale=c.scale, method=c.method,
                                   variant=c.variant, arch=c.model_name, mode=c.mode)
     needs_labels = c.loss == "ce"
-    dataset = LabelledFiles(c.data, train_transform(p.augment, model_or_cfg=model), decode_once=c.decode_once,
-                            require_labels=needs_labels)
+    dataset = LabelledFiles(c.data, train_tf, decode_once=c.decode_once, require_labels=needs_labels)
     steps = c.steps
     if steps is None:
         steps = max(1, (c.epochs or p.epochs) * (len(dataset) // (batch_size * distributed.world_size())))
@@ -171,7 +178,7 @@ def run_distill(config: DistillConfig) -> tuple[Compensator, dict]:
         pairs = c.holdout_pairs or ((0, c.max_r), (c.max_r, 0), (0, half), (half, c.max_r))
         for pair in pairs:
             plugin.check_degree(max(pair))
-        held = LabelledFiles(c.holdout, eval_transform(model), require_labels=needs_labels)
+        held = LabelledFiles(c.holdout, eval_tf, require_labels=needs_labels)
         hook = holdout_hook(held, pairs, batch_size)
     start = time.time()
     curve = []
@@ -206,6 +213,20 @@ def run_distill(config: DistillConfig) -> tuple[Compensator, dict]:
     if distributed.rank() == 0:
         plugin.save(c.out)
     return plugin, summary
+
+
+def _hf_model(c: DistillConfig) -> tuple[nn.Module, dict]:
+    """An ``hf:`` backbone (refused at once when its adapter has no per-call degree, which distillation
+    needs) and its preprocessing record."""
+    from tocom.finetuned import checkpoint_metadata
+    from tocom.peft.hf import load_finetuned_hf
+
+    if c.pretrained:
+        raise ValueError(f"--pretrained downloads timm weights; {c.model_name} holds its own, drop it")
+    model = load_finetuned_hf(c.model_name, c.checkpoint)
+    require_feature(model, "per_call", "compensator distillation (a per-call q/v delta)")
+    meta = checkpoint_metadata(c.checkpoint) if c.checkpoint else {}
+    return model, hf_preprocessing(c.model_name, meta)
 
 
 def holdout_hook(data: Dataset, pairs: Sequence[tuple[int, int]], batch_size: int):

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tocom.compensator import Compensator
-from tocom.data import load_dataset
+from tocom.data import load_dataset, transform_from_record
 from tocom.finetuned import checkpoint_metadata, eval_transform_for, load_model, source_degree
 from tocom.jobs.evaluate import make_loader, sweep, sweep_at_selected_scales
 from tocom.jobs.segment import run_segment_eval
 from tocom.models import patch, unpatch
+from tocom.models.hf_load import architecture, hf_preprocessing, is_hf
 
 
 @dataclass
@@ -38,6 +39,20 @@ class EvalConfig:
     progress: bool = True
 
 
+def hf_model_and_transform(c: EvalConfig, meta: dict[str, str]):
+    """An ``hf:`` model (unpatched, returning logits) and its evaluation transform."""
+    from tocom.peft.hf import load_finetuned_hf
+
+    if c.pretrained:
+        raise ValueError(f"--pretrained downloads timm weights; {c.model_name} holds its own, drop it")
+    arch = architecture(c.model_name)  # metadata first: refused before any weight is read
+    if "Classification" not in arch:
+        raise ValueError(f"{c.model_name} is a {arch}, which has no classifier head; evaluate an "
+                         "...ForImageClassification model")
+    record = hf_preprocessing(c.model_name, meta, c.resize)
+    return load_finetuned_hf(c.model_name, c.checkpoint), transform_from_record(record)
+
+
 def run_eval(config: EvalConfig) -> list[dict]:
     """One dict per (target, plugin, scale): accuracy in 0..1 (or mIoU), throughput and the split.
 
@@ -54,12 +69,16 @@ def run_eval(config: EvalConfig) -> list[dict]:
     source = c.source if c.source is not None else source_degree(meta) or 0
     # A fine-tuned model comes back unpatched (its PYRA modulators stay in its blocks) and is
     # patched here with the compression it was trained under.
-    model = unpatch(load_model(c.model_name, c.checkpoint, pretrained=c.pretrained)).eval()
+    if is_hf(c.model_name):
+        model, transform = hf_model_and_transform(c, meta)
+    else:
+        model = unpatch(load_model(c.model_name, c.checkpoint, pretrained=c.pretrained)).eval()
+        transform = None
     model = patch(model, c.method or meta.get("compression", "tome"))
     plugin = Compensator.load(c.plugin) if c.plugin else None
     for degree in [source, *c.targets] if plugin is not None else []:
         plugin.check_degree(degree)
-    transform = eval_transform_for(c.checkpoint, model, c.resize)
+    transform = transform or eval_transform_for(c.checkpoint, model, c.resize)
     head = getattr(model, "num_classes", 0)
 
     def rows_for(split, scales, targets):

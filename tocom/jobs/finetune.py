@@ -15,6 +15,8 @@ runs on a few hundred images.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -30,7 +32,8 @@ from tocom.compress import check_unclamped, parse_schedule, resolve_schedule
 from tocom.data import load_dataset, preprocessing_record, train_transform, transform_from_record
 from tocom.finetuned import FINETUNE_METHODS, finetune_metadata
 from tocom.jobs.evaluate import make_loader
-from tocom.models import dims_of, patch
+from tocom.models import dims_of, patch, unpatch
+from tocom.models.hf_load import folder_preprocessing, is_hf, save_hf
 from tocom.models.loading import (
     build_model,
     checkpoint_num_classes,
@@ -40,6 +43,7 @@ from tocom.models.loading import (
 )
 from tocom.models.metadata import model_kwargs as checked_model_kwargs
 from tocom.peft import add_adaptformer, add_lora, fold, mark_trainable
+from tocom.peft.hf import merge_hf_lora
 from tocom.pyra import PARAM_PATTERN, add_pyra, pyra_parameters
 from tocom.train import distributed
 from tocom.train.checkpoint import load_checkpoint
@@ -47,6 +51,7 @@ from tocom.train.config import TrainConfig, build_optimizer, lr_per_512
 from tocom.train.trainer import Objective, logged_evals, train
 
 HEAD_KEYS = ("head.", "head_dist.")  # DeiT distilled models have a second head
+OUT_FORMATS = ("tocom", "hf")  # tocom's safetensors, or a transformers save_pretrained folder
 RECIPE_FIELDS = ("steps", "lr", "batch_size", "weight_decay", "warmup_steps", "seed")  # of TrainConfig
 
 
@@ -199,6 +204,7 @@ class FinetuneConfig:
     seed: int = 0
     # the run
     out: str | Path = "finetuned.safetensors"
+    out_format: str = "tocom"  # or "hf": a transformers save_pretrained folder (hf: models, full / lora)
     run_dir: str | Path | None = None  # None: OUT.run
     resume: bool = False
     num_workers: int = 2
@@ -206,8 +212,8 @@ class FinetuneConfig:
     progress: bool = True
 
 
-def prepare_model(config: FinetuneConfig, num_classes: int, *, drop_path: float = 0.0
-                  ) -> tuple[nn.Module, dict[str, Any]]:
+def prepare_model(config: FinetuneConfig, num_classes: int, *, drop_path: float = 0.0,
+                  classes: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The model :func:`run_finetune` trains: a ``num_classes`` head, ``config.compression`` (ToMe
     merging or EViT pruning) at schedule ``config.r`` (text), ``config.method``'s modules, and only
     what the method trains marked trainable. ``method`` and ``r`` must be set (not None).
@@ -215,10 +221,14 @@ def prepare_model(config: FinetuneConfig, num_classes: int, *, drop_path: float 
     Like every ToMe model, a block asked for more than it can merge is clamped (DeiT at r = 16 merges
     only 10 in its last block); PYRA alone refuses such schedules, since its weights are per pair.
 
+    An ``hf:`` model is prepared by :func:`prepare_hf_model` (``classes`` name its labels).
+
     Returns:
         the model and ``{"schedule", "peft", "new_head", "model_kwargs"}`` for the checkpoint metadata.
     """
     c = config
+    if is_hf(c.model_name):
+        return prepare_hf_model(c, classes or [str(i) for i in range(num_classes)])
     extra = {"drop_path_rate": drop_path} if drop_path else {}
     model, new_head, model_kwargs = load_for_classes(c.model_name, c.checkpoint, c.pretrained, num_classes,
                                                      **extra)
@@ -232,6 +242,53 @@ def prepare_model(config: FinetuneConfig, num_classes: int, *, drop_path: float 
     model.r = schedule
     peft = add_method(model, c.method, c.rank, tuple(c.lora_targets), c.bottleneck, c.adapter_scale)
     return model, {"schedule": schedule, "peft": peft, "new_head": new_head, "model_kwargs": model_kwargs}
+
+
+def check_hf_config(c: FinetuneConfig, method: str) -> None:
+    """Refuse what fine-tuning an ``hf:`` model does not support, before any data is read."""
+    from tocom.peft.hf import HF_METHODS
+
+    if method not in HF_METHODS:
+        raise ValueError(f"method {method!r} is not supported for hf: models (PYRA's modulators hook timm "
+                         f"blocks only); choose one of {HF_METHODS}, or fine-tune the timm port of the model")
+    if c.checkpoint is not None or c.pretrained:
+        raise ValueError(f"{c.model_name} holds its own weights: drop --checkpoint / --pretrained (to "
+                         "continue from a tocom finetune output, write it with --out-format hf and fine-tune "
+                         "that folder)")
+
+
+def prepare_hf_model(c: FinetuneConfig, classes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`prepare_model` for ``hf:PATH``: its classifier re-sized to ``classes`` (re-initialised when
+    the size differs), patched at the schedule, with peft LoRA or tocom's AdaptFormer; the model
+    returned is the ``peft.PeftModel`` for LoRA."""
+    from tocom.models.hf_load import load_hf
+    from tocom.peft.hf import adaptformer_parameters, add_hf_adaptformer, add_hf_lora, train_only
+
+    model = load_hf(c.model_name, num_labels=len(classes), id2label=classes)
+    new_head = head_was_resized(c.model_name, len(classes))
+    patch(model, c.compression)
+    dims = dims_of(model)
+    schedule = resolve_schedule(parse_schedule(c.r, dims), dims.depth)
+    model.r = schedule
+    if c.method == "full":
+        model.requires_grad_(True)
+        peft: dict[str, Any] = {}
+    elif c.method == "adaptformer":
+        train_only(add_hf_adaptformer(model, c.bottleneck, c.adapter_scale), adaptformer_parameters(model))
+        peft = {"bottleneck": c.bottleneck, "scale": c.adapter_scale}
+    else:
+        model = add_hf_lora(model, c.rank, tuple(c.lora_targets))
+        peft = {"rank": c.rank, "targets": list(c.lora_targets), "library": "peft"}
+    return model, {"schedule": schedule, "peft": peft, "new_head": new_head, "model_kwargs": {}}
+
+
+def head_was_resized(name: str, num_classes: int) -> bool:
+    """Whether an ``hf:`` folder's head has another size than ``num_classes`` (so it starts afresh)."""
+    from tocom.models.hf_load import resolve_folder
+
+    config = json.loads((resolve_folder(name) / "config.json").read_text())
+    labels = config.get("id2label") or {}
+    return (len(labels) if labels else int(config.get("num_labels", 2))) != num_classes
 
 
 def accuracy_hook(data: Dataset, batch_size: int, num_workers: int):
@@ -304,15 +361,34 @@ def run_finetune(config: FinetuneConfig, *, stop_after: int | None = None
         lr = p.full_lr if method == "full" and p.full_lr else p.lr
         lr = lr_per_512(lr, batch_size * world) if p.lr_per_512 else lr
 
+    hf = is_hf(c.model_name)
+    if hf:
+        check_hf_config(c, method)
+    if c.out_format not in OUT_FORMATS:
+        raise ValueError(f"unknown out_format {c.out_format!r}; choose one of {OUT_FORMATS}")
+    if c.out_format == "hf" and not (hf and method in ("full", "lora")):
+        raise ValueError("--out-format hf writes a transformers folder: it needs an hf: model fine-tuned "
+                         "with full or lora (AdaptFormer adapters do not fold into plain weights)")
+
     torch.manual_seed(c.seed)  # new head, LoRA A and PYRA W_r: identical in a resumed process
     train_data = load_dataset(c.data, c.split_train)  # its class count sizes the head; transform below
     text = c.r if c.r is not None else p.schedule
     model, info = prepare_model(replace(c, method=method, r=text), train_data.num_classes,
-                                drop_path=p.drop_path)
+                                drop_path=p.drop_path, classes=[str(n) for n in train_data.classes])
 
-    train_data.transform = train_transform(p.augment, model_or_cfg=model)  # the model's size and mean/std
-    # Recorded in the checkpoint, so every later evaluation sees what validation saw.
-    preprocessing = preprocessing_record("squash" if p.augment in ("none", "squash") else "crop", model)
+    squash = p.augment in ("none", "squash")
+    if hf:  # the folder's image processor gives size and mean/std; squash recipes squash at that size
+        preprocessing = folder_preprocessing(c.model_name)
+        if squash:
+            preprocessing = {**preprocessing, "resize": "squash", "resize_size": None, "crop_pct": 1.0,
+                             "interpolation": "bicubic"}
+        train_data.transform = train_transform(p.augment, img_size=preprocessing["size"],
+                                               mean=tuple(preprocessing["mean"]),
+                                               std=tuple(preprocessing["std"]))
+    else:
+        train_data.transform = train_transform(p.augment, model_or_cfg=model)  # the model's size and mean/std
+        # Recorded in the checkpoint, so every later evaluation sees what validation saw.
+        preprocessing = preprocessing_record("squash" if squash else "crop", model)
     val_data = (load_dataset(c.data, "val", transform_from_record(preprocessing))
                 if c.split_train == "train" else None)
     per_epoch = len(train_data) // (batch_size * world)
@@ -348,8 +424,15 @@ def run_finetune(config: FinetuneConfig, *, stop_after: int | None = None
         "val_acc": evals[-1]["val_acc"] if evals else None,
         "curve": [[e["step"], e["val_acc"]] for e in evals],
     }
-    model = fold(model).cpu().eval()  # folds LoRA (lora, pyra); adapters and modulators stay
+    # folds LoRA (lora, pyra; peft's merge_and_unload for hf:); adapters and modulators stay
+    model = (merge_hf_lora(model) if hf else fold(model)).cpu().eval()
     if distributed.rank() == 0 and result.step == steps:
         meta = finetune_metadata(method, info["schedule"], info["peft"], recipe, preprocessing, c.compression)
-        save_model(model, c.out, c.model_name, info["model_kwargs"], meta)
+        if c.out_format == "hf":
+            save_hf(unpatch(copy.deepcopy(model)), c.out, preprocessing)
+        else:
+            if hf:
+                meta.update(hf_architecture=getattr(type(model), "_tocom_base", type(model)).__name__,
+                            classes=json.dumps([str(n) for n in train_data.classes]))
+            save_model(model, c.out, c.model_name, info["model_kwargs"], meta)
     return model, recipe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,20 +44,30 @@ def merge_picture(image: torch.Tensor, source: torch.Tensor, grid: tuple[int, in
     return Image.fromarray((out.clip(0, 1) * 255).astype(np.uint8))
 
 
-def visualize(model: torch.nn.Module, image_path: str | Path, out: str | Path) -> Path:
-    """Run a model patched with ``trace_source=True`` on one image and save the merge picture."""
-    from tocom.data import data_config, eval_transform
+def visualize(model: torch.nn.Module, image_path: str | Path, out: str | Path,
+              preprocessing: dict[str, Any] | None = None) -> Path:
+    """Run a model patched with ``trace_source=True`` on one image and save the merge picture.
 
-    cfg = data_config(model)
-    x = eval_transform(model)(Image.open(image_path).convert("RGB"))[None]
+    ``preprocessing``: a preprocessing record (:func:`tocom.data.transform_from_record`); None uses
+    the timm model's own evaluation transform.
+    """
+    from tocom.data import data_config, eval_transform, transform_from_record
+    from tocom.models import dims_of
+
+    if preprocessing is None:
+        cfg = data_config(model)
+        transform = eval_transform(model)
+    else:
+        cfg, transform = preprocessing, transform_from_record(preprocessing)
+    x = transform(Image.open(image_path).convert("RGB"))[None]
     with torch.inference_mode():
         model(x)
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(cfg["std"]).view(3, 1, 1)
     image = (x[0] * std + mean).clamp(0, 1)
-    patch = model.patch_embed.patch_size[0]
-    picture = merge_picture(image, model.last_state.source[0], model.patch_embed.grid_size,
-                            model.num_prefix_tokens, patch)
+    dims = dims_of(model)
+    side = x.shape[-1] // dims.patch_size
+    picture = merge_picture(image, model.last_state.source[0], (side, side), dims.num_prefix, dims.patch_size)
     side_by_side = Image.new("RGB", (picture.width * 2, picture.height))
     side_by_side.paste(Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)), (0, 0))
     side_by_side.paste(picture, (picture.width, 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -82,8 +83,15 @@ def _cache_file(key: dict) -> Path:
 
 
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
-    size = model.patch_embed.img_size
-    return (model.patch_embed.proj.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
+    """(C, H, W) of the images ``model`` takes: timm's ``patch_embed`` (which may be non-square), else
+    the family's dims (square grids: Hugging Face ViTs)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None:
+        size = embed.img_size
+        return (embed.proj.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
+    dims = dims_of(model)
+    side = dims.patch_size * math.isqrt(dims.num_patches)
+    return dims.in_chans, side, side
 
 
 @torch.inference_mode()

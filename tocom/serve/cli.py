@@ -37,7 +37,8 @@ def parse_lead(text: str) -> float | None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to ``tocom``'s subparsers."""
     p = subparsers.add_parser("serve", help="HTTP service whose degree follows load (tocom[serve])")
-    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224, or hf:PATH (a transformers "
+                                 "save_pretrained folder or hub id)")
     p.add_argument("--checkpoint", help="fine-tuned weights (.safetensors from tocom finetune, or timm's)")
     p.add_argument("--plugin", help="compensator file: degree changes fold its delta")
     p.add_argument("--source", type=int,
@@ -109,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     # Replicas run in other processes (other machines on a cluster): hand them absolute paths.
     absolute = lambda path: os.path.abspath(path) if path else None
     return ServeConfig(
-        model=args.model, checkpoint=absolute(args.checkpoint), plugin=absolute(args.plugin),
+        model=absolute_hf(args.model), checkpoint=absolute(args.checkpoint), plugin=absolute(args.plugin),
         source=args.source, degrees=tuple(args.degrees), fixed_degree=args.fixed_degree, scale=args.scale,
         slo_ms=args.slo_ms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         lead_ms=args.lead_ms,
@@ -122,6 +123,13 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         token_sha256=token_digest(token) if token else None,
         recalibrate=args.recalibrate, access_log=args.access_log, host=args.host, port=args.port,
         route_prefix=args.route_prefix)
+
+
+def absolute_hf(model: str) -> str:
+    """``hf:FOLDER`` with an absolute folder (replicas run elsewhere); timm names and hub ids as given."""
+    if model.startswith("hf:") and os.path.isdir(model[3:]):
+        return "hf:" + os.path.abspath(model[3:])
+    return model
 
 
 def run(args: argparse.Namespace) -> None:

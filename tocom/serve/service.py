@@ -8,6 +8,7 @@ can form batches (a plain asyncio server, a queue worker) can drive them the sam
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -20,6 +21,8 @@ import torch
 
 from tocom.data import transform_from_record
 from tocom.finetuned import recorded_preprocessing
+from tocom.models.hf_load import class_names as hf_class_names
+from tocom.models.hf_load import hf_preprocessing, is_hf
 from tocom.serve.calibrate import DEFAULT_DEGREES, calibrate, distinct_degrees
 from tocom.serve.controller import DegreeController, LatencyTable
 from tocom.serve.edge import file_identity
@@ -107,7 +110,13 @@ def load_elastic(config: ServeConfig) -> tuple[ElasticModel, dict[str, str]]:
     if meta.get("method") == "pyra" and set(degrees) != {source}:
         raise ValueError("a PYRA checkpoint only runs at the schedule it was trained at; "
                          f"serve it with --fixed-degree {source}")
-    model = load_model(config.model, config.checkpoint).to(config.device).eval()
+    if is_hf(config.model):
+        from tocom.peft.hf import load_finetuned_hf
+
+        model = load_finetuned_hf(config.model, config.checkpoint)
+    else:
+        model = load_model(config.model, config.checkpoint)
+    model = model.to(config.device).eval()
     plugin = Compensator.load(config.plugin) if config.plugin else None
     if plugin is None:
         degrees = distinct_degrees(model, degrees) if len(degrees) > 1 else degrees
@@ -166,9 +175,15 @@ class ModelWorker:
         refresh = config.recalibrate and not restarted_actor()
         table, calibration = calibrate(model, self.elastic.degrees, config.max_batch,
                                        set_degree=self.elastic.switch, refresh=refresh)
+        if is_hf(config.model):  # its folder's image processor and id2label, unless the checkpoint says
+            preprocessing = hf_preprocessing(config.model, meta)
+            names = hf_class_names(model)
+            meta = {**meta, "classes": json.dumps(names)} if names and "classes" not in meta else meta
+        else:
+            preprocessing = recorded_preprocessing(meta, model)
         self.description = {
             "files": {"checkpoint": file_identity(config.checkpoint), "plugin": file_identity(config.plugin)},
-            "meta": meta, "preprocessing": recorded_preprocessing(meta, model),
+            "meta": meta, "preprocessing": preprocessing,
             "num_classes": int(getattr(model, "num_classes", 0)), "table": table.to_json(),
             "calibration": calibration, "gflops": dict(self.elastic.gflops),
             "degrees": list(self.elastic.degrees), "source": self.elastic.source,
