@@ -48,7 +48,7 @@ from tocom.models.loading import create_model
 from tocom.report.bench import time_interleaved
 from tocom.report.plots import accuracy_plot
 from tocom.report.provenance import provenance
-from tocom.report.stats import paired_difference
+from tocom.report.stats import paired_difference, pooled_difference
 
 RULES = ("tome", "evit", "pitome", "tofu")
 
@@ -112,7 +112,34 @@ def evaluate(name: str, model: torch.nn.Module, images: torch.Tensor, labels: to
             plugin_rows.append({"rule": rule, "plugin": str(path), "r": r, "without": diff.accuracy_a,
                                 "with": diff.accuracy_b, "gain": diff.as_dict()})
     return {"stock_top1": float((stock == y).mean()), "rows": rows, "plugins": plugin_rows,
-            "gflops_stock": tocom.schedule_report(patched["tome"], 0)["gflops"]}
+            "gflops_stock": tocom.schedule_report(patched["tome"], 0)["gflops"],
+            # per-image correctness ("0"/"1" per image, in dataset order): the pooled CIs and any
+            # later analysis are computed from these alone
+            "correct": {f"{rule} r={r}": "".join("1" if c else "0" for c in hits)
+                        for (rule, r), hits in correct.items()}}
+
+
+def _hits(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
+
+
+def pooled(entries: list[dict], rs: list[int], batches: list[int]) -> list[dict]:
+    """Each rule against ToMe at each r, pooled over the models (the mean of the per-model
+    differences, images resampled within each model), with its slowest throughput ratio to ToMe
+    over the models at each batch size, and the declared verdict: "beats ToMe" when the pooled CI
+    lies above 0 and every ratio is at least 0.95."""
+    rows = []
+    for r in rs:
+        for rule in RULES[1:]:
+            tome, other = f"tome r={r}", f"{rule} r={r}"
+            diff = pooled_difference([(_hits(e["correct"][tome]), _hits(e["correct"][other]))
+                                      for e in entries])
+            ratio = {str(b): min(e["images_per_s"][other][str(b)] / e["images_per_s"][tome][str(b)]
+                                 for e in entries) for b in batches}
+            rows.append({"rule": rule, "r": r, "models": [e["name"] for e in entries],
+                         "vs_tome": diff.as_dict(), "min_speed_ratio": ratio,
+                         "beats_tome": bool(diff.ci_low > 0 and min(ratio.values()) >= 0.95)})
+    return rows
 
 
 def throughput(model: torch.nn.Module, rs: list[int], batches: list[int], img_size: int, rounds: int,
@@ -177,6 +204,20 @@ def render(results: dict) -> str:
                 lines.append(f"| {p['rule']} | `{Path(p['plugin']).name}` | {p['r']} | "
                              f"{100 * p['without']:.1f} | {100 * p['with']:.1f} | {_ci(p['gain'])} |")
         lines.append("")
+    if results.get("pooled"):
+        b = [str(x) for x in cfg["batch_sizes"]]
+        names = ", ".join(results["pooled"][0]["models"])
+        lines += [f"## Pooled over {names}", "",
+                  "Mean over the models of each rule's difference to ToMe at the same r, in points, with "
+                  "its 95% bootstrap CI (images resampled within each model); the slowest throughput ratio "
+                  "to ToMe over the models; *beats ToMe*: CI above 0 and every ratio at least 0.95.", "",
+                  "| rule | r | vs ToMe (pooled) | " + " | ".join(f"speed vs ToMe b{x}" for x in b)
+                  + " | beats ToMe |", "|---|---|---|" + "---|" * len(b) + "---|"]
+        for row in results["pooled"]:
+            ratios = " | ".join(f"{row['min_speed_ratio'][x]:.3f}" for x in b)
+            lines.append(f"| {row['rule']} | {row['r']} | {_ci(row['vs_tome'])} | {ratios} | "
+                         f"{'yes' if row['beats_tome'] else 'no'} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -236,7 +277,17 @@ def main() -> None:
     out = args.out or Path("docs/results")
     device = torch.device(args.device)
     entries = []
+    parts = out / "methods-parts"  # one finished model per file: a killed run resumes at the next model
     for name, arch_ref, dataset in models:
+        part = parts / f"{name}.json"
+        key = {"arch": arch_ref, "dataset": dataset, "r": args.r, "batch_sizes": args.batch_sizes,
+               "rounds": args.rounds, "threads": args.threads, "limit": args.limit, "plugins": plugins}
+        if not args.smoke and part.is_file():
+            done = json.loads(part.read_text())
+            if done.get("key") == key:
+                print(f"{name}: reusing {part}", file=sys.stderr)
+                entries.append(done["entry"])
+                continue
         model = build(arch_ref)
         images, labels = load_images(Path(dataset), model, args.limit, arch_ref.partition("@")[2] or None)
         print(f"{name}: {len(labels)} images; evaluating {len(RULES)} rules at r = {args.r}", file=sys.stderr)
@@ -247,10 +298,13 @@ def main() -> None:
         for row in entry["rows"]:
             row["images_per_s"] = speeds[f"{row['rule']} r={row['r']}"]
         entries.append(entry)
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(part, json.dumps({"key": key, "entry": entry}))
     config = {"r": args.r, "batch_sizes": args.batch_sizes, "rounds": args.rounds, "threads": args.threads,
               "limit": args.limit, "plugins": plugins, "smoke": args.smoke, "command": sys.argv}
     results = {"experiment": "methods", "wall_s": round(time.time() - started, 1),
-               "provenance": provenance(args.device), "config": config, "models": entries}
+               "provenance": provenance(args.device), "config": config, "models": entries,
+               "pooled": pooled(entries, args.r, args.batch_sizes)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "methods.json", json.dumps(results, indent=2))
     page = render(results)
