@@ -199,3 +199,26 @@ def test_converter_refuses_what_it_cannot_map():
         from_timm(state, num_heads=2)
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         from_timm(hf_vit())
+
+
+def test_processor_config_is_timms_eval_transform():
+    """The converter's processor reads back (as an ``hf:`` folder's preprocessing is read) as timm's
+    evaluation transform: same resize side, crop, interpolation, mean and std; the pixels it gives
+    equal timm's wherever the centre crop's offset is whole (transformers rounds it down, torchvision
+    to nearest)."""
+    from PIL import Image
+
+    from tocom.data.transforms import eval_transform, hf_record, transform_from_record
+    from tocom.models.hf_convert import processor_config
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    record = hf_record(processor_config(model))
+    assert (record["resize"], record["size"], record["resize_size"]) == ("crop", 224, 248)  # floor(224 / 0.9)
+    assert record["interpolation"] == "bicubic"
+    assert record["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert record["std"] == pytest.approx([0.229, 0.224, 0.225])
+    pixels = torch.Generator().manual_seed(0)
+    image = Image.fromarray(torch.randint(0, 256, (300, 248, 3), generator=pixels, dtype=torch.uint8).numpy())
+    # the shorter side is already 248; 300 - 224 and 248 - 224 are even, so both crop at one offset
+    torch.testing.assert_close(transform_from_record(record)(image), eval_transform(model)(image),
+                               rtol=0, atol=1e-6)

@@ -284,7 +284,7 @@ def test_real_deit_tiny_folder_evaluates_as_transformers(shared, tmp_path, capsy
     folder = tmp_path / "deit-tiny"
     timm_model = create_model("deit_tiny_patch16_224", shared / "weights/deit_tiny_patch16_224.safetensors")
     from_timm(timm_model).save_pretrained(folder)
-    transformers.DeiTImageProcessor().save_pretrained(folder)  # facebook/deit-tiny-patch16-224's settings
+    transformers.DeiTImageProcessor().save_pretrained(folder)  # transformers' defaults: squash 256, crop 224
     sample = shared / "data/imagenet-sample"
     lines = [line.split() for line in (sample / "labels.txt").read_text().splitlines() if line.strip()][:32]
     task = tmp_path / "task"

@@ -7,7 +7,10 @@ no other prefix token (``deit_*_patch16_224``, ``vit_*_patch16_224``) and builds
 copied, none recomputed: timm's fused ``qkv`` splits into ``q_proj`` / ``k_proj`` / ``v_proj`` by
 rows, so the two models compute the same function and a compensator plugin folds into the same
 rows of either (:mod:`tocom.compensator.fit`). The result is an ordinary ``transformers`` model:
-``save_pretrained`` / ``from_pretrained`` work on it without the hub.
+``save_pretrained`` / ``from_pretrained`` work on it without the hub. :func:`processor_config` gives
+the image processor that reproduces the timm model's evaluation transform, so a folder written with
+both preprocesses as timm does (``facebook/deit-tiny-patch16-224``'s own processor squashes to
+256 x 256 before its crop, which is not timm's transform).
 
 Refused with one line naming what is in the way: distillation or register tokens, layer scale,
 q/k norms, average / attention pooling (``fc_norm``, ``attn_pool``), a pre-norm, position
@@ -183,3 +186,25 @@ def from_timm(source: nn.Module | Mapping[str, torch.Tensor], *, config=None, nu
         tensors = hf_state(state)
         model.load_state_dict({k: v.detach().clone().contiguous() for k, v in tensors.items()}, strict=True)
     return model.eval()
+
+
+def processor_config(model: nn.Module) -> dict:
+    """The ``preprocessor_config.json`` fields that reproduce a timm model's evaluation transform.
+
+    timm resizes the shorter side to ``floor(size / crop_pct)``, centre-crops ``size`` and
+    normalises with the model's mean and std; a ``BitImageProcessor`` with ``shortest_edge`` does
+    the same, and :func:`tocom.data.transforms.hf_record` reads it back exactly. Write it with
+    ``transformers.BitImageProcessor(**processor_config(model)).save_pretrained(folder)``.
+    """
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}.get(cfg["interpolation"])
+    if resample is None:
+        raise ValueError(f"timm interpolation {cfg['interpolation']!r} has no Pillow code for an HF "
+                         "image processor")
+    return {"do_resize": True, "size": {"shortest_edge": math.floor(size / cfg["crop_pct"])},
+            "resample": resample, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(cfg["mean"]), "image_std": list(cfg["std"]), "do_convert_rgb": True}
