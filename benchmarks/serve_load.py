@@ -7,6 +7,13 @@ r=0, with labelled CIFAR-10 test images sent over HTTP; each step is split into 
 blocks that rotate the services' order, all three getting the same arrivals in each block.
 Bounded in requests and time; stops by itself. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 
+Compiled workers (``tocom serve --compile``): ``--compile`` compiles every service's worker; naming
+``fixed16c`` in ``--order`` adds a fourth service, fixed r=16 through the compiled runner, loaded
+in the same rotated blocks as eager fixed r=16 (same arrivals), which is the fair comparison:
+
+    python benchmarks/serve_load.py --checkpoint runs/cifar10_r0.safetensors \\
+        --order fixed0,fixed16,fixed16c,elastic
+
 Make the checkpoint first (VTAB-1k CIFAR-10, fine-tuned at r=0):
 
     tocom finetune deit_tiny_patch16_224 --checkpoint ../shared/weights/deit_tiny_patch16_224.safetensors \\
@@ -38,7 +45,9 @@ from pathlib import Path
 import numpy as np
 
 LOADS = (0.5, 1.0, 1.5, 2.0)
-SERVICES = ("fixed r=0", "fixed r=16", "elastic")
+SERVICES = ("fixed r=0", "fixed r=16", "fixed r=16 compiled", "elastic")
+PREFIXES = {"fixed r=0": "/fixed0", "fixed r=16": "/fixed16", "fixed r=16 compiled": "/fixed16c",
+            "elastic": "/elastic"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,7 +82,14 @@ def parse_args() -> argparse.Namespace:
                    help="each step's duration is split into this many blocks, the services rotating "
                         "their order from block to block")
     p.add_argument("--order", default="fixed0,fixed16,elastic",
-                   help="the order the services are loaded in at each load (fixed0, fixed16, elastic)")
+                   help="the order the services are loaded in at each load (fixed0, fixed16, elastic; "
+                        "fixed16c adds fixed r=16 with a compiled worker)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile every service's worker (tocom serve --compile); fixed16c always is")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                   help="torch.compile backend of compiled workers (eager: tracing only, for --smoke)")
+    p.add_argument("--compile-batch-sizes",
+                   help="compiled workers' batch buckets, e.g. 1,4,8 (default 1, 2, 4, ... --max-batch)")
     p.add_argument("--loads", default=",".join(map(str, LOADS)), help="multiples of r=0 capacity")
     p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per step")
     p.add_argument("--capacity-s", type=float, default=15.0, help="closed-loop time to measure capacity")
@@ -91,8 +107,18 @@ def parse_args() -> argparse.Namespace:
         p.error("--checkpoint is required (see the docstring for how to make one), or pass --smoke")
     if args.blocks < 1:
         p.error(f"--blocks must be at least 1, got {args.blocks}")
-    if sorted(args.order.split(",")) != ["elastic", "fixed0", "fixed16"]:
-        p.error(f"--order must name fixed0, fixed16 and elastic once each, got {args.order!r}")
+    names = args.order.split(",")
+    if sorted(n for n in names if n != "fixed16c") != ["elastic", "fixed0", "fixed16"] or names.count(
+            "fixed16c") > 1:
+        p.error(f"--order must name fixed0, fixed16 and elastic once each (and fixed16c at most once), "
+                f"got {args.order!r}")
+    if args.compile_batch_sizes:
+        try:
+            args.compile_batch_sizes = tuple(sorted({int(b) for b in args.compile_batch_sizes.split(",")}))
+        except ValueError:
+            p.error(f"--compile-batch-sizes: integers such as 1,4,8, got {args.compile_batch_sizes!r}")
+        if args.compile_batch_sizes[0] < 1 or args.compile_batch_sizes[-1] > args.max_batch:
+            p.error(f"--compile-batch-sizes must lie in 1..--max-batch ({args.max_batch})")
     args.out = Path(args.out or root / ("runs/serve_smoke/serving" if args.smoke else "docs/results/serving"))
     return args
 
@@ -283,7 +309,7 @@ def write_outputs(out: Path, result: dict) -> None:
                      f"| {_fmt(s.get('p95_replica_ms'))} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in SERVICES:
+    for name in dict.fromkeys(s["service"] for s in steps):
         rows = [s for s in steps if s["service"] == name]
         loads = [s["load"] for s in rows]
         ax_lat.plot(loads, [s["p95_ms"] for s in rows], marker="o", label=name)
@@ -314,7 +340,9 @@ def main() -> None:
     base = ServeConfig(model=model, checkpoint=checkpoint, max_batch=args.max_batch, batch_wait_ms=5,
                        max_ongoing=args.max_ongoing, max_queued=64, replica_cpus=0.5, threads=args.threads,
                        slo_ms=args.slo_ms or 1000.0, max_body_mb=1, margin=args.margin,
-                       patience=args.patience, lead_ms=args.lead_ms)
+                       patience=args.patience, lead_ms=args.lead_ms, compile=args.compile,
+                       compile_backend=args.compile_backend,
+                       compile_batch_sizes=args.compile_batch_sizes or None)
     worker_cores = None
     if args.pin:  # set before Ray starts: its processes inherit this process's cores
         cores = sorted(os.sched_getaffinity(0))
@@ -335,14 +363,15 @@ def main() -> None:
                     "max_batch": args.max_batch,
                     "max_ongoing": args.max_ongoing, "margin": args.margin, "patience": args.patience,
                     "lead_ms": base.lead_ms, "order": args.order, "blocks": args.blocks,
-                    "request_start": not args.no_request_start,
+                    "request_start": not args.no_request_start, "compile": args.compile,
+                    "compile_backend": args.compile_backend, "compile_batch_sizes": args.compile_batch_sizes,
                     "duration_s": args.duration_s, "steps": []}
     try:
-        prefixes = {"fixed r=0": "/fixed0", "fixed r=16": "/fixed16", "elastic": "/elastic"}
+        by_key = {prefix.strip("/"): name for name, prefix in PREFIXES.items()}
+        order = [by_key[key] for key in args.order.split(",")]
+        prefixes = {name: PREFIXES[name] for name in SERVICES if name in order}
         stamp = not args.no_request_start
         all_records: list[dict] = []
-        by_key = {prefix.strip("/"): name for name, prefix in prefixes.items()}
-        order = [by_key[key] for key in args.order.split(",")]
         fixed0 = lambda slo: build_app(replace(base, fixed_degree=0, slo_ms=slo))
         serve.run(fixed0(base.slo_ms), name="fixed0", route_prefix="/fixed0")
         info = json.loads(_get(f"{url}/fixed0/v1/info"))
@@ -351,6 +380,9 @@ def main() -> None:
             serve.run(fixed0(slo), name="fixed0", route_prefix="/fixed0")
         serve.run(build_app(replace(base, fixed_degree=16, slo_ms=slo)), name="fixed16",
                   route_prefix="/fixed16")
+        if "fixed r=16 compiled" in prefixes:
+            serve.run(build_app(replace(base, fixed_degree=16, slo_ms=slo, compile=True)),
+                      name="fixed16c", route_prefix="/fixed16c")
         serve.run(build_app(replace(base, plugin=plugin, source=0, degrees=degrees, slo_ms=slo)),
                   name="elastic", route_prefix="/elastic")
         result["slo_ms"] = slo

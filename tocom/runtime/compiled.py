@@ -104,8 +104,8 @@ class CompiledRunner:
         self.batch_sizes = _buckets(batch_sizes)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.backend, self.mode, self.autocast, self.fullgraph = backend, mode, autocast, fullgraph
+        self._check_options()  # first: a model it cannot run is refused for that, not for its image size
         self.input_shape = tuple(input_shape) if input_shape is not None else _image_shape(model)
-        self._check_options()
         self._keys = {_hashable(d): self._schedule_of(d) for d in self.degrees}
         self._graphs: dict[tuple[Key, int], _Graph] = {}
         self._inputs: dict[int, torch.Tensor] = {}  # CUDA graphs: one static input per bucket

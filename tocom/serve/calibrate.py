@@ -3,7 +3,8 @@
 The cache is a folder of JSON files (``$TOCOM_CACHE``, else ``~/.cache/tocom``, under
 ``latency/``) named by a hash of everything the timings depend on: the architecture (not the
 weights' values), the degrees, batch sizes, device, dtype, thread count, torch version and the
-machine. A cached table is reused as is; pass ``refresh=True`` after the machine changed load.
+machine, and how the forward runs (eager, or the compiled runner's backend and buckets). A cached
+table is reused as is; pass ``refresh=True`` after the machine changed load.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tocom.atomic import atomic_write
 from tocom.compress.schedule import clamp_schedule, resolve_schedule
 from tocom.models import dims_of, is_patched, patch
 from tocom.report.bench import time_interleaved
+from tocom.runtime import CompiledRunner
 from tocom.serve.controller import LatencyTable
 
 DEFAULT_DEGREES = (0, 4, 8, 12, 16)
@@ -68,13 +70,17 @@ def _machine() -> dict[str, str | int | None]:
 
 
 def calibration_key(model: nn.Module, degrees: Sequence[int], batch_sizes: Sequence[int],
-                    device: torch.device, dtype: torch.dtype) -> dict:
-    """What a latency table depends on (hashed into the cache file name)."""
+                    device: torch.device, dtype: torch.dtype, runner: dict | None = None) -> dict:
+    """What a latency table depends on (hashed into the cache file name); ``runner``: how a
+    compiled forward runs (its backend and buckets), None for the eager model."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"arch": type(model).__name__, "dims": asdict(dims_of(model)),
-            "compression": asdict(model._tocom) if is_patched(model) else None,
-            "degrees": list(degrees), "batch_sizes": list(batch_sizes), "device": device.type,
-            "gpu": gpu, "dtype": str(dtype), "machine": _machine()}
+    key = {"arch": type(model).__name__, "dims": asdict(dims_of(model)),
+           "compression": asdict(model._tocom) if is_patched(model) else None,
+           "degrees": list(degrees), "batch_sizes": list(batch_sizes), "device": device.type,
+           "gpu": gpu, "dtype": str(dtype), "machine": _machine()}
+    if runner is not None:  # absent for the eager model, so the tables cached before stay valid
+        key["runner"] = runner
+    return key
 
 
 def _cache_file(key: dict) -> Path:
@@ -96,21 +102,26 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 
 @torch.inference_mode()
 def measure(model: nn.Module, degrees: Sequence[int], batch_sizes: Sequence[int],
-            set_degree: Callable[[int], None] | None = None, rounds: int = 3) -> LatencyTable:
+            set_degree: Callable[[int], None] | None = None, rounds: int = 3,
+            forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LatencyTable:
     """Median ms of a forward of random ``(B, C, H, W)`` images at each degree and batch size.
 
     Degrees are interleaved, in an order that rotates every round
     (:func:`tocom.report.bench.time_interleaved`), so slow drifts of a shared machine hit all alike.
     ``set_degree`` switches the model (default: ``model.r = degree``; the model must be patched).
+    ``forward`` is what is timed, images (B, C, H, W) -> logits (default: ``model`` itself; a
+    :func:`tocom.compile` runner of it, so that the table is of the graphs that will serve).
     """
     set_degree = set_degree or (lambda d: setattr(model, "r", d))
+    forward = forward or model
     param = next(model.parameters())
     times: dict[int, dict[int, float]] = {d: {} for d in degrees}
     for b in batch_sizes:
         x = torch.randn(b, *_input_shape(model), device=param.device, dtype=param.dtype)
         # the switch runs untimed before each forward; the warm-up builds allocator state and kernels
-        seconds = time_interleaved({d: (lambda x=x: model(x)) for d in degrees}, param.device, rounds=rounds,
-                                   progress=False, prepare={d: (lambda d=d: set_degree(d)) for d in degrees})
+        seconds = time_interleaved({d: (lambda x=x: forward(x)) for d in degrees}, param.device,
+                                   rounds=rounds, progress=False,
+                                   prepare={d: (lambda d=d: set_degree(d)) for d in degrees})
         for d in degrees:
             times[d][b] = seconds[d] * 1000
     return LatencyTable({d: {b: round(ms, 3) for b, ms in row.items()} for d, row in times.items()})
@@ -118,15 +129,22 @@ def measure(model: nn.Module, degrees: Sequence[int], batch_sizes: Sequence[int]
 
 def calibrate(model: nn.Module, degrees: Sequence[int] = DEFAULT_DEGREES, max_batch: int = 16, *,
               set_degree: Callable[[int], None] | None = None, rounds: int = 3, refresh: bool = False,
-              use_cache: bool = True) -> tuple[LatencyTable, dict]:
+              use_cache: bool = True, runner: CompiledRunner | None = None) -> tuple[LatencyTable, dict]:
     """The model's latency table, from the cache when this model and machine were measured before.
 
+    With ``runner`` (a :func:`tocom.compile` runner of ``model``) the forwards timed are the
+    runner's, at every batch size up to ``max_batch`` and every bucket of the runner up to it.
     Returns ``(table, info)``; ``info`` has the cache ``path``, whether it was ``cached`` and the
     ``seconds`` measuring took (0 when cached). The model is left at the last degree measured.
     """
     param = next(model.parameters())
     sizes = batch_sizes_up_to(max_batch)
-    key = calibration_key(model, degrees, sizes, param.device, param.dtype)
+    described = None
+    if runner is not None:
+        sizes = sorted({*sizes, *(b for b in runner.batch_sizes if b <= max_batch)})
+        described = {"backend": runner.backend, "mode": runner.mode, "graphs": runner.graphs,
+                     "buckets": list(runner.batch_sizes)}
+    key = calibration_key(model, degrees, sizes, param.device, param.dtype, described)
     path = _cache_file(key)
     if use_cache and not refresh and path.is_file():
         try:
@@ -136,7 +154,7 @@ def calibrate(model: nn.Module, degrees: Sequence[int] = DEFAULT_DEGREES, max_ba
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache entry is measured again and overwritten
     start = time.perf_counter()
-    table = measure(model, degrees, sizes, set_degree, rounds)
+    table = measure(model, degrees, sizes, set_degree, rounds, forward=runner)
     seconds = round(time.perf_counter() - start, 2)
     if use_cache:
         body = json.dumps({"key": key, "ms": table.to_json(), "seconds": seconds}, indent=1)

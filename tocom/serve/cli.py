@@ -27,6 +27,7 @@ def _int_list(what: str, example: str):
 
 
 _degrees = _int_list("degrees", "0,4,8")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "none")
 
 
 def parse_lead(text: str) -> float | None:
@@ -64,6 +65,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--worker-cores", type=_int_list("cores", "1 or 2,3"),
                    help="pin the model workers to these CPU cores, e.g. 1 or 2,3 (Linux; default: any)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model through tocom.compile: a static graph per degree and batch bucket, "
+                        "built at start-up (minutes with inductor on a CPU; timm models only)")
+    p.add_argument("--compile-backend", choices=COMPILE_BACKENDS,
+                   help="with --compile: torch.compile's backend (default inductor; eager and aot_eager "
+                        "trace without code generation; none: CUDA graphs of the eager forward, CUDA only)")
+    p.add_argument("--compile-batch-sizes", type=_int_list("batch sizes", "1,4,16"),
+                   help="with --compile: the batch buckets to build (default 1, 2, 4, ... and --max-batch); "
+                        "a batch runs padded to the smallest that holds it")
     p.add_argument("--classes", help="text file of class names, one per line, in label order")
     p.add_argument("--max-body-mb", type=float, default=10.0)
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
@@ -106,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("need --max-pixels >= 1, --decode-threads >= 1 and --body-timeout-s > 0")
     if args.request_timeout_ms is not None and args.request_timeout_ms <= 0:
         raise ValueError(f"--request-timeout-ms must be > 0, got {args.request_timeout_ms}")
+    compile_options = check_compile(args)
     token = load_token(args.token_file)
     # Replicas run in other processes (other machines on a cluster): hand them absolute paths.
     absolute = lambda path: os.path.abspath(path) if path else None
@@ -116,13 +127,33 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         lead_ms=args.lead_ms,
         max_ongoing=args.max_ongoing, max_queued=args.max_queued, replicas=args.replicas,
         max_replicas=max_replicas, replica_cpus=args.replica_cpus, threads=args.threads, device=args.device,
-        worker_cores=args.worker_cores,
+        worker_cores=args.worker_cores, **compile_options,
         classes=absolute(args.classes), max_body_mb=args.max_body_mb, top_k=args.top_k,
         max_pixels=args.max_pixels, decode_threads=args.decode_threads, body_timeout_s=args.body_timeout_s,
         request_timeout_ms=args.request_timeout_ms, trust_request_start=args.trust_request_start,
         token_sha256=token_digest(token) if token else None,
         recalibrate=args.recalibrate, access_log=args.access_log, host=args.host, port=args.port,
         route_prefix=args.route_prefix)
+
+
+def check_compile(args: argparse.Namespace) -> dict:
+    """The compile flags as :class:`ServeConfig` fields, refusing combinations that cannot work."""
+    backend, sizes = args.compile_backend, args.compile_batch_sizes
+    if not args.compile:
+        if backend is not None or sizes is not None:
+            raise ValueError("--compile-backend and --compile-batch-sizes only apply with --compile; add it")
+        return {}
+    if args.model.startswith("hf:"):
+        raise ValueError("--compile runs timm models only (the compiled runner needs timm's forward_tokens); "
+                         "serve this hf: model without --compile")
+    if backend == "none" and not args.device.startswith("cuda"):
+        raise ValueError(f"--compile-backend none captures CUDA graphs, which need --device cuda, not "
+                         f"{args.device}; pick inductor, aot_eager or eager")
+    if sizes is not None and (min(sizes) < 1 or max(sizes) > args.max_batch):
+        raise ValueError(f"--compile-batch-sizes must lie in 1..--max-batch ({args.max_batch}), got "
+                         f"{','.join(map(str, sizes))}")
+    return {"compile": True, "compile_backend": None if backend == "none" else backend or "inductor",
+            "compile_batch_sizes": tuple(sorted(set(sizes))) if sizes else None}
 
 
 def absolute_hf(model: str) -> str:

@@ -4,6 +4,10 @@ Switching writes W_q and W_v in place while another thread may be running a forw
 and the forward that follows it happen under one lock: a forward never sees half-switched weights.
 A switch that fails while serving leaves the model at the degree it had (``set_degree`` is all
 or nothing), logs why, and the batch runs there: :meth:`ElasticModel.run_timed` says so.
+
+With :meth:`ElasticModel.compile` the forwards run through a :func:`tocom.compile` runner, one
+static graph per (degree, batch bucket) built at start-up; a switch folds the plugin's delta in
+place, which the graphs read, so switching needs no recompilation.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from tocom.compensator import Compensator, attach, set_degree
 from tocom.models import is_patched, patch, schedule_report
+from tocom.runtime import CompiledRunner
+from tocom.runtime import compile as compile_runner
 
 logger = logging.getLogger(__name__)
 LOG_EVERY_S = 60.0  # a degree that keeps failing is logged again at most this often
@@ -56,7 +62,33 @@ class ElasticModel:
         self._degree = -1
         self.switch_failures = 0  # switches that failed while serving (the model kept its degree)
         self._logged: dict[int, float] = {}  # degree -> when its last failure was logged
+        self.runner: CompiledRunner | None = None  # set by compile(); else forwards run eagerly
         self.switch(self.degrees[0])
+
+    def compile(self, batch_sizes: Sequence[int], backend: str | None = "inductor") -> CompiledRunner:
+        """Build a graph per (served degree, batch bucket) now; later forwards run through them.
+
+        ``backend=None`` captures CUDA graphs of the eager forward (CUDA only). On the CPU no CUDA
+        graphs are captured. Raises ValueError, naming why, for a model the runner cannot compile.
+        """
+        with self._lock:  # no forward or switch while the graphs are traced
+            try:
+                self.runner = compile_runner(self.model, degrees=self.degrees, batch_sizes=batch_sizes,
+                                             backend=backend)
+            except ValueError as err:
+                raise ValueError(f"--compile cannot compile this model: {err}; serve it without "
+                                 "--compile") from None
+        seconds = self.runner.capture_seconds
+        logger.info("compiled %d graphs (backend %s) in %.1f s; seconds per (degree, bucket): %s",
+                    len(seconds), backend, sum(seconds.values()),
+                    {key: round(s, 2) for key, s in seconds.items()})
+        return self.runner
+
+    @property
+    def forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What runs a batch at the current degree: the compiled runner, else the model itself;
+        images (B, 3, H, W) -> logits (B, num_classes). Calibration times this."""
+        return self.runner if self.runner is not None else self.model
 
     @property
     def degree(self) -> int:
@@ -106,7 +138,7 @@ class ElasticModel:
                 self._switch_failed(degree)
             switch_ms = (time.perf_counter() - start) * 1000
             param = next(self.model.parameters())
-            logits = self.model(images.to(param.device, param.dtype))
+            logits = self.forward(images.to(param.device, param.dtype))
             return logits.float().softmax(dim=-1).cpu(), switch_ms, self._degree
 
     def _switch_failed(self, degree: int) -> None:

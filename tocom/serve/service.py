@@ -23,7 +23,7 @@ from tocom.data import transform_from_record
 from tocom.finetuned import recorded_preprocessing
 from tocom.models.hf_load import class_names as hf_class_names
 from tocom.models.hf_load import hf_preprocessing, is_hf
-from tocom.serve.calibrate import DEFAULT_DEGREES, calibrate, distinct_degrees
+from tocom.serve.calibrate import DEFAULT_DEGREES, batch_sizes_up_to, calibrate, distinct_degrees
 from tocom.serve.controller import DegreeController, LatencyTable
 from tocom.serve.edge import file_identity
 from tocom.serve.elastic import ElasticModel
@@ -59,6 +59,9 @@ class ServeConfig:
     threads: int | None = None  # torch threads per replica (default: its CPUs)
     worker_cores: tuple[int, ...] | None = None  # Linux CPU cores the model workers are pinned to
     device: str = "cpu"
+    compile: bool = False  # run the forwards through a tocom.compile runner (graphs per degree, bucket)
+    compile_backend: str | None = "inductor"  # torch.compile's backend; None: CUDA graphs of eager
+    compile_batch_sizes: tuple[int, ...] | None = None  # the runner's buckets (default: calibration's)
     classes: str | None = None
     max_body_mb: float = 10.0
     max_pixels: int = MAX_PIXELS  # images over it are refused from their header, before decoding
@@ -170,11 +173,13 @@ class ModelWorker:
             torch.set_num_threads(config.threads)
         self.elastic, meta = load_elastic(config)
         model = self.elastic.model
+        compiled = self._compile(config) if config.compile else None
         # Restarted after a crash, the worker takes the table measured before it (from the cache):
         # measuring again would hold the replica's requests for seconds, on the same machine.
         refresh = config.recalibrate and not restarted_actor()
         table, calibration = calibrate(model, self.elastic.degrees, config.max_batch,
-                                       set_degree=self.elastic.switch, refresh=refresh)
+                                       set_degree=self.elastic.switch, refresh=refresh,
+                                       runner=self.elastic.runner)
         if is_hf(config.model):  # its folder's image processor and id2label, unless the checkpoint says
             preprocessing = hf_preprocessing(config.model, meta)
             names = hf_class_names(model)
@@ -187,7 +192,17 @@ class ModelWorker:
             "num_classes": int(getattr(model, "num_classes", 0)), "table": table.to_json(),
             "calibration": calibration, "gflops": dict(self.elastic.gflops),
             "degrees": list(self.elastic.degrees), "source": self.elastic.source,
-            "degree": self.elastic.degree}
+            "degree": self.elastic.degree, "compiled": compiled}
+
+    def _compile(self, config: ServeConfig) -> dict[str, Any]:
+        """Build the runner's graphs (before calibrating, which then times them); what ``/v1/info``
+        says of them: backend, buckets, and the seconds each (degree, bucket) took to build."""
+        buckets = config.compile_batch_sizes or tuple(batch_sizes_up_to(config.max_batch))
+        runner = self.elastic.compile(buckets, config.compile_backend)
+        seconds = {f"{d}/{b}": round(s, 3) for (d, b), s in runner.capture_seconds.items()}
+        return {"backend": config.compile_backend, "batch_sizes": list(runner.batch_sizes),
+                "cuda_graphs": runner.graphs, "capture_seconds": seconds,
+                "total_seconds": round(sum(runner.capture_seconds.values()), 2)}
 
     def ping(self) -> bool:
         """Liveness, for health checks: an answer means the worker runs calls (it runs them in
@@ -234,6 +249,7 @@ class Service:
         self.degree = d["degree"]  # the degree the worker's weights are folded for
         self.switch_failures = 0  # batches that ran at another degree than asked (the switch failed)
         self.files = {**d.get("files", {}), "classes": file_identity(config.classes)}
+        self.compiled = d.get("compiled")  # the compiled runner's graphs, None when forwards run eagerly
 
     def preprocess(self, body: bytes) -> torch.Tensor:
         """Image bytes -> (3, H, W) model input; :class:`~tocom.serve.images.BadImage` when undecodable."""
@@ -296,5 +312,5 @@ class Service:
                 "switch_ms": round(self.controller.switch_ms, 3),
                 "slo_ms": c.slo_ms, "max_batch": c.max_batch, "gflops": gflops,
                 "latency_ms": self.table.to_json(), "calibration": calibration,
-                "classes": self.classes, "num_classes": self.num_classes,
+                "compiled": self.compiled, "classes": self.classes, "num_classes": self.num_classes,
                 "config": c.public()}
