@@ -277,7 +277,7 @@ def main() -> None:
     out = args.out or Path("docs/results")
     device = torch.device(args.device)
     entries = []
-    parts = out / "methods-parts"  # one finished model per file: a killed run resumes at the next model
+    parts = Path("runs/methods-parts")  # one finished model per file: a killed run resumes at the next one
     for name, arch_ref, dataset in models:
         part = parts / f"{name}.json"
         key = {"arch": arch_ref, "dataset": dataset, "r": args.r, "batch_sizes": args.batch_sizes,
