@@ -6,13 +6,12 @@ code generation) keep these fast; one inductor test is marked slow.
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import pytest
 import torch
 from conftest import random_plugin, tiny_vit
-from PIL import Image
+from test_serve_service import png
 
 import tocom
 from tocom.models.loading import save_model
@@ -24,14 +23,6 @@ KWARGS = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=4, num
 DEGREES = (0, 2, 4)
 # float32 probabilities: a padded bucket and another graph may change BLAS's summation order
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (20, 30, 3), generator=g, dtype=torch.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture
