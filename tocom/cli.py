@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from tocom.compress import parse_schedule
 from tocom.models import COMPRESSION_METHODS, dims_of, patch, unpatch
+from tocom.models.hf_load import is_hf
 from tocom.report.cli import add_parser as add_report_parser
 from tocom.serve.cli import add_parser as add_serve_parser
 
@@ -37,7 +37,6 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
 
 def _load(args: argparse.Namespace):
     from tocom.finetuned import load_model
-    from tocom.models.hf_load import is_hf
 
     if is_hf(args.model):
         from tocom.peft.hf import load_finetuned_hf
@@ -64,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     dims = dims_of(model)
     schedules = [parse_schedule(r, dims) for r in args.r]
     # timm models know their input size; an hf: model's is its config's image_size (the patch grid)
-    img_size = dims.patch_size * math.isqrt(dims.num_patches) if args.model.startswith("hf:") else None
+    img_size = dims.square_image_size if is_hf(args.model) else None
     rows = bench(model, schedules, args.method, args.batch_size, args.device, rounds=args.rounds,
                  img_size=img_size, progress=not args.json)
     print(json_lines(r.as_dict() for r in rows) if args.json else format_table([r.as_dict() for r in rows]))
@@ -79,7 +78,7 @@ def cmd_delta(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from tocom.models.hf_load import hf_preprocessing, is_hf
+    from tocom.models.hf_load import hf_preprocessing
     from tocom.report.visualize import visualize
 
     record = None
@@ -130,7 +129,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from tocom.train import distributed
 
     if args.task == "segmentation":
-        if args.model.startswith("hf:"):
+        if is_hf(args.model):
             raise ValueError("segmentation fine-tuning is not supported for hf: models (its decoder reads "
                              "timm features); fine-tune the timm port of the model")
         cmd_finetune_segmentation(args)

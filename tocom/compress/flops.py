@@ -7,6 +7,7 @@ block's attention runs on the tokens entering it and its MLP on the tokens leavi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class ViTDims:
     @property
     def num_tokens(self) -> int:
         return self.num_patches + self.num_prefix
+
+    @property
+    def square_image_size(self) -> int:
+        """Side in pixels of the square image whose patch grid is ``num_patches`` (models that do
+        not record their input size, such as Hugging Face ViTs, take square images)."""
+        return self.patch_size * math.isqrt(self.num_patches)
 
 
 def block_flops(dims: ViTDims, tokens_in: int, tokens_out: int) -> int:

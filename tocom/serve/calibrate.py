@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -96,8 +95,7 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
         size = embed.img_size
         return (embed.proj.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
     dims = dims_of(model)
-    side = dims.patch_size * math.isqrt(dims.num_patches)
-    return dims.in_chans, side, side
+    return dims.in_chans, dims.square_image_size, dims.square_image_size
 
 
 @torch.inference_mode()
