@@ -160,4 +160,6 @@ def test_real_deit_tiny_at_r16_gives_the_same_logits_in_both_forms(shared):
     # float32; on the CPU the extra channel is the last term of each dot product, so the two forms
     # round alike (measured: equal); on other kernels they agree to float32 rounding
     torch.testing.assert_close(channel, mask, rtol=1e-4, atol=1e-4)
-    assert torch.equal(channel.argmax(1), mask.argmax(1))
+    top2 = mask.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # a near-tie may flip under another summation order
+    assert clear.any() and torch.equal(channel.argmax(1)[clear], mask.argmax(1)[clear])
